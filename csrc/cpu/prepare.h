@@ -1,0 +1,40 @@
+// prepare.h: host-side validation and parameter packing shared by the CPU and CUDA wrappers.
+// Provides wkv::host::prepare_append / prepare_accumulate / prepare_compress / prepare_decode:
+// each validates ranks, shapes, dtypes, devices and scalar arguments (TORCH_CHECK messages name
+// the op, the argument and the bad value) and returns the torch-free params struct of
+// csrc/kernels/params.h (raw pointers + element strides of the tensors as given, no copies).
+// prepare_decode also allocates `out` ([B, Hq, D], dtype/device of query).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <string>
+
+#include "../kernels/params.h"
+
+namespace wkv::host {
+
+AppendParams prepare_append(const at::Tensor& keys, const at::Tensor& values,
+                            const at::Tensor& scores, const at::Tensor& counts,
+                            const at::Tensor& last, const at::Tensor& slot_pos,
+                            const at::Tensor& new_keys, const at::Tensor& new_values,
+                            const at::Tensor& new_pos);
+
+AccumulateParams prepare_accumulate(const at::Tensor& probs, const at::Tensor& slot_pos,
+                                    const at::Tensor& query_pos, const at::Tensor& scores,
+                                    const at::Tensor& counts, const at::Tensor& last,
+                                    const std::string& group_reduce);
+
+CompressParams prepare_compress(const at::Tensor& keys, const at::Tensor& values,
+                                const at::Tensor& scores, const at::Tensor& counts,
+                                const at::Tensor& last, const at::Tensor& slot_pos,
+                                int64_t budget, int64_t sinks, int64_t recent,
+                                const std::string& policy, int64_t cam_window, int64_t seed);
+
+DecodeParams prepare_decode(const at::Tensor& query, const at::Tensor& keys,
+                            const at::Tensor& values, const at::Tensor& slot_pos,
+                            const at::Tensor& query_pos, const at::Tensor& scores,
+                            const at::Tensor& counts, const at::Tensor& last, double scale,
+                            const std::string& group_reduce, at::Tensor* out);
+
+}  // namespace wkv::host

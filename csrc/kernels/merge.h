@@ -1,0 +1,61 @@
+// merge.h: value merges of compress (all arithmetic in float32, rounded once to the K/V dtype).
+// Provides:
+//   merge_weights(avg_j, avg_r): the convex weights (w_j, w_r, denominator), equal weights
+//     (1/2, 1/2, 1) when w_j + w_r is not a positive finite number;
+//   merge_value(vj, vr, w): (w_j v_j + w_r v_r) / (w_j + w_r) for one element;
+//   weighted_merge_row<T>(vj, vr, D, stride): v_r <- merge over the D elements of one row;
+//   cam_probability(avg_j, mean_R): CaM's merge probability p in [0, 1];
+//   cam_add_row<T>(vj, vi, D, stride, m): v_i <- v_i + v_j / m.
+#pragma once
+
+#include <cstdint>
+
+#include "common.h"
+#include "convert.h"
+
+namespace wkv {
+
+struct MergeWeights { float wj, wr, denom; };
+
+constexpr float kFloatMax = 3.402823466e+38f;
+
+WKV_HOST_DEVICE inline MergeWeights merge_weights(float avg_j, float avg_r) {
+  const float s = wkv_add(avg_j, avg_r);
+  if (!(s > 0.0f && s <= kFloatMax)) return MergeWeights{0.5f, 0.5f, 1.0f};  // 0, <0, inf, NaN
+  return MergeWeights{avg_j, avg_r, s};
+}
+
+WKV_HOST_DEVICE inline float merge_value(float vj, float vr, MergeWeights w) {
+  return wkv_div(wkv_add(wkv_mul(w.wj, vj), wkv_mul(w.wr, vr)), w.denom);
+}
+
+template <class T>
+WKV_HOST_DEVICE inline void weighted_merge_row(const T* vj, T* vr, int64_t D, int64_t stride_j,
+                                               int64_t stride_r, MergeWeights w) {
+  for (int64_t d = 0; d < D; ++d) {
+    const float a = to_float(vj[d * stride_j]);
+    const float b = to_float(vr[d * stride_r]);
+    vr[d * stride_r] = from_float<T>(merge_value(a, b, w));
+  }
+}
+
+// p = clamp(avg_j / mean_R, 0, 1); 1 if mean_R == 0 < avg_j; 0 if avg_j == 0 or any NaN.
+WKV_HOST_DEVICE inline float cam_probability(float avg_j, float mean_r) {
+  if (wkv_isnan(avg_j) || wkv_isnan(mean_r) || avg_j == 0.0f) return 0.0f;
+  if (mean_r == 0.0f) return avg_j > 0.0f ? 1.0f : 0.0f;
+  const float p = wkv_div(avg_j, mean_r);
+  if (wkv_isnan(p) || p <= 0.0f) return 0.0f;
+  return p >= 1.0f ? 1.0f : p;
+}
+
+template <class T>
+WKV_HOST_DEVICE inline void cam_add_row(const T* vj, T* vi, int64_t D, int64_t stride_j,
+                                        int64_t stride_i, int64_t m) {
+  const float fm = static_cast<float>(m);
+  for (int64_t d = 0; d < D; ++d) {
+    const float add = wkv_div(to_float(vj[d * stride_j]), fm);
+    vi[d * stride_i] = from_float<T>(wkv_add(to_float(vi[d * stride_i]), add));
+  }
+}
+
+}  // namespace wkv

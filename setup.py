@@ -1,0 +1,98 @@
+"""Build of weightedkv_ext and its compiled ops library weightedkv_ext._C.
+
+CPU-only (CppExtension over csrc/torch_bindings.cpp + csrc/cpu/*.cpp) unless CUDA is wanted and
+possible: torch built with CUDA (torch.version.cuda), a toolkit found (CUDA_HOME / nvcc) and
+USE_CUDA != 0 (no GPU needed); FORCE_CUDA=1 turns "cannot build CUDA" into an error.
+TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0".
+
+    pip install --no-build-isolation -e .      (or: bash scripts/build.sh, CPU-only)
+    pip install --no-build-isolation .
+"""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rel(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _want_cuda() -> tuple[bool, str]:
+    """Whether to build the CUDA kernels, and why not. No GPU is needed to compile them."""
+    if os.environ.get("USE_CUDA", "") == "0":
+        return False, "USE_CUDA=0"
+    why = ""
+    if torch.version.cuda is None:
+        why = "this torch has no CUDA support"
+    else:
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+            why = "no CUDA toolkit found (set CUDA_HOME)"
+        elif not _rel("csrc/cuda/*.cu"):
+            why = "csrc/cuda/ has no .cu files"
+    if why and os.environ.get("FORCE_CUDA", "") == "1":
+        raise RuntimeError(f"weightedkv_ext: FORCE_CUDA=1 but the CUDA kernels cannot be built: {why}")
+    return not why, why
+
+
+def _nvidia_pip_includes() -> list[str]:
+    """Include dirs of the pip `nvidia-*` wheels (headers the system toolkit may lack).
+
+    Searched after every other include dir (-idirafter), so they never shadow the toolkit's own
+    headers and only supply missing ones (e.g. cusparse.h, cublas_v2.h).
+    """
+    dirs = []
+    for entry in sys.path:
+        base = os.path.join(entry, "nvidia")
+        if os.path.isdir(base):
+            dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
+    return list(dict.fromkeys(dirs))
+
+
+def _extension():
+    # torch >= 2.10 headers need C++20 (std::strong_ordering, string_view::starts_with).
+    cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-DWKV_PYTHON_MODULE"]
+    if torch.backends.openmp.is_available():
+        cxx.append("-fopenmp")
+    sources = _rel("csrc/torch_bindings.cpp") + _rel("csrc/cpu/*.cpp")
+    use_cuda, why = _want_cuda()
+    if not use_cuda:
+        print(f"weightedkv_ext: building CPU-only ({why})", flush=True)
+        return CppExtension(
+            "weightedkv_ext._C", sources, extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"] if "-fopenmp" in cxx else [],
+        )
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    after = _nvidia_pip_includes()
+    nvcc = ["-O3", "-std=c++20", "--fmad=false", "-DWKV_WITH_CUDA", "--expt-relaxed-constexpr"]
+    nvcc += [f"-Xcompiler=-idirafter{d}" for d in after]
+    return CUDAExtension(
+        "weightedkv_ext._C", sources + _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/*.cpp"),
+        extra_compile_args={"cxx": cxx + ["-DWKV_WITH_CUDA"] + [f"-idirafter{d}" for d in after],
+                            "nvcc": nvcc},
+        extra_link_args=["-fopenmp"] if "-fopenmp" in cxx else [],
+    )
+
+
+setup(
+    name="weightedkv_ext",
+    version="0.1.0",
+    description="WeightedKV KV-cache compression ops (C++/CUDA) for PyTorch and transformers",
+    packages=find_packages(include=["weightedkv_ext", "weightedkv_ext.*"]),
+    package_data={"weightedkv_ext": ["py.typed", "**/*.json", "**/*.txt"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)

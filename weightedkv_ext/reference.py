@@ -1,0 +1,396 @@
+"""Pure-PyTorch reference of the four ops of docs/design.md: slow, obvious, kernel-independent.
+
+Same signatures and in-place semantics as ``torch.ops.weightedkv.*``: ``append``, ``accumulate``
+and ``compress`` mutate the state tensors; ``decode_attention`` mutates the statistics and returns
+``out``. Everything is written with Python loops over (batch, head) and, inside ``compress``, over
+single removals, so that each line can be checked against the contract by eye. Float arithmetic
+follows the contract's formulas literally in float32 (one rounding to the K/V dtype at the end),
+which is why the CPU kernels match this file bit for bit. This module never imports the compiled
+extension; the only thing it shares with the kernels is the documented integer hash of
+``csrc/kernels/policy.h`` (CaM's random draw), re-implemented here in Python.
+
+WeightedKV's Algorithm 1 (Yuan et al., ICASSP 2025, arXiv 2503.01330) for one (batch, head) of
+one layer, and where each step lives here (``_compress_one``):
+
+1. the cache holds tokens in position order with their keys, values and accumulated attention
+   ``a_i`` over ``n_i`` queries: ``held_slots`` gives that order over the fixed slots; ``a``,
+   ``n`` are ``scores``, ``counts`` (filled by ``accumulate`` / ``decode_attention``);
+2. while the cache holds more than the budget: ``while ... L > budget``;
+3. candidates are all tokens but the attention sinks and the recent window:
+   ``eligible = order[sinks : L - recent]``;
+4. ``j = argmin_i a_i / n_i`` over the candidates: ``min(eligible, key=(avg, position))``, ties to
+   the oldest token (the contract's deterministic tie-break);
+5. discard ``k_j`` and merge ``v_j`` into its right neighbour ``r``:
+   ``v_r <- (avg_j v_j + avg_r v_r) / (avg_j + avg_r)``, ``r`` keeping its key and statistics:
+   ``_merge_weightedkv`` (float32, one rounding), then ``_drop`` frees j's slot.
+
+Fig. 3 of the paper is the toy run of this loop with budget 4, no sinks, no recent window: tokens
+v1..v8 arrive one per step and from step 5 on each step removes the lowest-average token, e.g. at
+step 5 v2 (avg 0.1) merges into v3 (avg 0.5), giving ``v2/6 + 5 v3/6``.
+python_tests/test_reference_fig3.py replays that trace with one-hot values.
+
+The baselines share the loop and differ only in the key and the action (docs/design.md):
+``evict`` (average score, drop), ``h2o`` (accumulated score), ``tova`` (last query's attention),
+``streaming`` (oldest eligible, drop) and ``cam`` (oldest eligible, CaM's probabilistic merge into
+the next ``cam_window`` values).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+POLICIES = ("weightedkv", "evict", "h2o", "tova", "streaming", "cam")
+GROUP_REDUCES = ("mean", "sum", "max")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class State(NamedTuple):
+    """The six per-layer cache tensors, in the argument order of the ops (``op(*state, ...)``)."""
+
+    keys: Tensor  # [B, H, C, D]
+    values: Tensor  # [B, H, C, D]
+    scores: Tensor  # [B, H, C] float32
+    counts: Tensor  # [B, H, C] float32
+    last: Tensor  # [B, H, C] float32
+    slot_pos: Tensor  # [B, H, C] int64, -1 = empty
+
+
+class Held(NamedTuple):
+    """The held tokens of one (b, h), in position order (see ``held_in_order``)."""
+
+    positions: Tensor  # [L] int64, increasing
+    keys: Tensor  # [L, D]
+    values: Tensor  # [L, D]
+    scores: Tensor  # [L]
+    counts: Tensor  # [L]
+
+
+def new_state(B: int, H: int, C: int, D: int, dtype=torch.float32, device="cpu") -> State:
+    """Empty cache: zero tensors and every slot free (``slot_pos == -1``)."""
+    kv = dict(dtype=dtype, device=device)
+    f32 = dict(dtype=torch.float32, device=device)
+    return State(
+        torch.zeros(B, H, C, D, **kv),
+        torch.zeros(B, H, C, D, **kv),
+        torch.zeros(B, H, C, **f32),
+        torch.zeros(B, H, C, **f32),
+        torch.zeros(B, H, C, **f32),
+        torch.full((B, H, C), -1, dtype=torch.int64, device=device),
+    )
+
+
+def held_slots(slot_pos: Tensor, b: int, h: int) -> list[int]:
+    """Slot indices of the held tokens of (b, h), sorted by position."""
+    row = slot_pos[b, h].tolist()
+    return sorted((c for c, p in enumerate(row) if p >= 0), key=lambda c: row[c])
+
+
+def held_in_order(state, b: int, h: int) -> Held:
+    """(positions, keys, values, scores, counts) of the held tokens of (b, h), in position order."""
+    keys, values, scores, counts, _, slot_pos = state
+    idx = torch.tensor(held_slots(slot_pos, b, h), dtype=torch.long, device=slot_pos.device)
+    return Held(slot_pos[b, h, idx], keys[b, h, idx], values[b, h, idx], scores[b, h, idx],
+                counts[b, h, idx])
+
+
+# ----------------------------------------------------------------------------------------------
+# validation (messages name the op, the argument and the bad value, like the kernels')
+
+
+def _fail(op: str, msg: str):
+    raise ValueError(f"{op}: {msg}")
+
+
+def _check(op, name, t, layout, shape=None, dtypes=None, device=None):
+    """Rank (from `layout`, e.g. "[B, H, C]"), shape, dtype and device of one tensor argument."""
+    rank = layout.count(",") + 1
+    if t.dim() != rank:
+        _fail(op, f"{name} must be a {rank}-D tensor {layout}, got shape {list(t.shape)}")
+    if shape is not None and list(t.shape) != list(shape):
+        _fail(op, f"{name} must have shape {layout} = {list(shape)}, got {list(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        _fail(op, f"{name} must have dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
+    if device is not None and t.device != device:
+        _fail(op, f"all tensors must be on one device, but {name} is on {t.device}, not {device}")
+
+
+def _check_stats(op, B, H, C, scores, counts, last, slot_pos, device):
+    for name, t in (("scores", scores), ("counts", counts), ("last", last)):
+        _check(op, name, t, "[B, H, C]", (B, H, C), (torch.float32,), device)
+    _check(op, "slot_pos", slot_pos, "[B, H, C]", (B, H, C), (torch.int64,), device)
+
+
+def _check_state(op, keys, values, scores, counts, last, slot_pos):
+    """The six cache tensors; returns (B, H, C, D)."""
+    _check(op, "keys", keys, "[B, H, C, D]", dtypes=FLOAT_DTYPES)
+    B, H, C, D = keys.shape
+    _check(op, "values", values, "[B, H, C, D]", keys.shape, (keys.dtype,), keys.device)
+    _check_stats(op, B, H, C, scores, counts, last, slot_pos, keys.device)
+    return B, H, C, D
+
+
+def _check_group(op, hq, h, group_reduce):
+    if h <= 0 or hq <= 0 or hq % h != 0:
+        _fail(op, f"the number of query heads Hq must be a positive multiple of the number of KV "
+                  f"heads H, got Hq={hq}, H={h}")
+    if group_reduce not in GROUP_REDUCES:
+        _fail(op, f"group_reduce must be one of {GROUP_REDUCES}, got {group_reduce!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# append
+
+
+def append(keys, values, scores, counts, last, slot_pos, new_keys, new_values, new_pos) -> None:
+    """Write the non-padding new tokens, in order, into the free slots, in increasing slot index."""
+    op = "append"
+    B, H, C, D = _check_state(op, keys, values, scores, counts, last, slot_pos)
+    _check(op, "new_keys", new_keys, "[B, H, T, D]")
+    T = new_keys.shape[2]
+    for name, t in (("new_keys", new_keys), ("new_values", new_values)):
+        _check(op, name, t, "[B, H, T, D]", (B, H, T, D), (keys.dtype,), keys.device)
+    _check(op, "new_pos", new_pos, "[B, T]", (B, T), (torch.int64,), keys.device)
+
+    # Check every row before writing anything.
+    for b in range(B):
+        tokens = [t for t in range(T) if new_pos[b, t] >= 0]
+        for h in range(H):
+            free = [c for c in range(C) if slot_pos[b, h, c] == -1]
+            if len(free) < len(tokens):
+                _fail(op, f"not enough free slots: batch {b}, head {h} has {len(free)} free slots "
+                          f"for {len(tokens)} new tokens")
+    for b in range(B):
+        tokens = [t for t in range(T) if new_pos[b, t] >= 0]
+        for h in range(H):
+            free = [c for c in range(C) if slot_pos[b, h, c] == -1]
+            for t, c in zip(tokens, free):
+                keys[b, h, c] = new_keys[b, h, t]
+                values[b, h, c] = new_values[b, h, t]
+                scores[b, h, c] = 0
+                counts[b, h, c] = 0
+                last[b, h, c] = 0
+                slot_pos[b, h, c] = new_pos[b, t]
+
+
+# ----------------------------------------------------------------------------------------------
+# accumulate
+
+
+def _reduce_groups(p: Tensor, group_reduce: str) -> Tensor:
+    """p: [G, ...] float32 -> [...]; sum/max in group order, mean = sum / G."""
+    acc = p[0].clone()
+    for g in range(1, p.shape[0]):
+        acc = torch.maximum(acc, p[g]) if group_reduce == "max" else acc + p[g]
+    return acc / p.shape[0] if group_reduce == "mean" else acc
+
+
+def accumulate(probs, slot_pos, query_pos, scores, counts, last, group_reduce="mean") -> None:
+    """Add the attention received by each held slot from the queries that can see it."""
+    op = "accumulate"
+    _check(op, "probs", probs, "[B, Hq, Q, C]", dtypes=FLOAT_DTYPES)
+    _check(op, "slot_pos", slot_pos, "[B, H, C]")
+    B, H, C = slot_pos.shape
+    _, Hq, Q, _ = probs.shape
+    if probs.shape[0] != B or probs.shape[3] != C:
+        _fail(op, f"probs must have shape [B, Hq, Q, C] with B = {B} and C = {C} "
+                  f"(from slot_pos), got {list(probs.shape)}")
+    _check_stats(op, B, H, C, scores, counts, last, slot_pos, probs.device)
+    _check(op, "query_pos", query_pos, "[B, Q]", (B, Q), (torch.int64,), probs.device)
+    _check_group(op, Hq, H, group_reduce)
+    G = Hq // H
+
+    for b in range(B):
+        qpos = query_pos[b].tolist()
+        valid = [q for q in range(Q) if qpos[q] >= 0]
+        for h in range(H):
+            p = _reduce_groups(probs[b, h * G:(h + 1) * G].float(), group_reduce)  # [Q, C]
+            held = slot_pos[b, h] >= 0
+            sees = [held & (slot_pos[b, h] <= qpos[q]) for q in range(Q)]
+            total = torch.zeros(C, dtype=torch.float32, device=probs.device)
+            seen = torch.zeros(C, dtype=torch.float32, device=probs.device)
+            for q in valid:  # query order
+                total = total + torch.where(sees[q], p[q], 0.0)
+                seen = seen + sees[q].float()
+            scores[b, h] = torch.where(held, scores[b, h] + total, scores[b, h])
+            counts[b, h] = torch.where(held, counts[b, h] + seen, counts[b, h])
+            if valid:
+                q_star = valid[-1]
+                new_last = torch.where(sees[q_star], p[q_star], 0.0)
+                last[b, h] = torch.where(held, new_last, last[b, h])
+
+
+# ----------------------------------------------------------------------------------------------
+# decode_attention
+
+
+def decode_attention(query, keys, values, slot_pos, query_pos, scores, counts, last, scale,
+                     group_reduce="mean") -> Tensor:
+    """Single-query attention over the visible held slots; statistics as ``accumulate`` with Q = 1.
+
+    A padding row (``query_pos == -1``) gets ``out = 0`` and no statistics. A valid row that sees
+    no slot at all also gets ``out = 0`` (all its probabilities are 0).
+    """
+    op = "decode_attention"
+    B, H, C, D = _check_state(op, keys, values, scores, counts, last, slot_pos)
+    _check(op, "query", query, "[B, Hq, D]")
+    Hq = query.shape[1]
+    _check(op, "query", query, "[B, Hq, D]", (B, Hq, D), (keys.dtype,), keys.device)
+    _check(op, "query_pos", query_pos, "[B]", (B,), (torch.int64,), keys.device)
+    _check_group(op, Hq, H, group_reduce)
+    G = Hq // H
+
+    out = torch.zeros(B, Hq, D, dtype=torch.float32, device=query.device)
+    probs = torch.zeros(B, Hq, 1, C, dtype=torch.float32, device=query.device)
+    for b in range(B):
+        qp = int(query_pos[b])
+        if qp < 0:
+            continue
+        for hq in range(Hq):
+            h = hq // G
+            visible = (slot_pos[b, h] >= 0) & (slot_pos[b, h] <= qp)
+            if not bool(visible.any()):
+                continue
+            logits = (keys[b, h].float() @ query[b, hq].float()) * scale
+            logits = logits.masked_fill(~visible, float("-inf"))
+            p = torch.softmax(logits, dim=0)
+            probs[b, hq, 0] = p
+            out[b, hq] = p @ values[b, h].float()
+    accumulate(probs, slot_pos, query_pos[:, None], scores, counts, last, group_reduce)
+    return out.to(query.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# compress
+
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """splitmix64 finaliser (Steele et al. 2014), arithmetic mod 2^64."""
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def uniform(seed: int, b: int, h: int, pos: int) -> float:
+    """CaM's draw in [0, 1): the counter-based hash documented in csrc/kernels/policy.h.
+
+    x = sm(seed); x = sm(x ^ b); x = sm(x ^ h); x = sm(x ^ pos); u = (x >> 40) / 2^24, with the
+    integers taken as two's-complement uint64. u has 24 bits, so it is exact in float32.
+    """
+    x = _splitmix64(seed & _M64)
+    for v in (b, h, pos):
+        x = _splitmix64(x ^ (v & _M64))
+    return (x >> 40) / float(1 << 24)
+
+
+def _avg(scores_bh: Tensor, counts_bh: Tensor) -> Tensor:
+    """avg_i = a_i / n_i in float32, 0 where n_i == 0."""
+    return torch.where(counts_bh == 0, torch.zeros_like(scores_bh), scores_bh / counts_bh)
+
+
+def _store(dst: Tensor, x: Tensor) -> None:
+    dst.copy_(x.to(dst.dtype))  # the single rounding to the K/V dtype
+
+
+def _merge_weightedkv(values_bh: Tensor, avg: Tensor, j: int, r: int) -> None:
+    """v_r <- (w_j v_j + w_r v_r) / (w_j + w_r), float32; equal weights if the sum is not > 0."""
+    vj, vr = values_bh[j].float(), values_bh[r].float()
+    wj, wr = avg[j], avg[r]
+    total = wj + wr
+    if bool(torch.isfinite(total)) and bool(total > 0):
+        merged = (wj * vj + wr * vr) / total
+    else:
+        merged = 0.5 * vj + 0.5 * vr
+    _store(values_bh[r], merged)
+
+
+def _cam_probability(avg: Tensor, j: int, window: list[int]) -> float:
+    """p = clamp(avg_j / mean_{i in R} avg_i, 0, 1) with the contract's special cases."""
+    total = torch.zeros((), dtype=torch.float32, device=avg.device)
+    for i in window:  # position order
+        total = total + avg[i]
+    mean = total / len(window)
+    aj = avg[j]
+    if bool(torch.isnan(aj)) or bool(torch.isnan(mean)) or bool(aj == 0):
+        return 0.0
+    if bool(mean == 0):
+        return 1.0 if bool(aj > 0) else 0.0
+    ratio = aj / mean
+    if bool(torch.isnan(ratio)):
+        return 0.0
+    return float(ratio.clamp(0, 1))
+
+
+def _merge_cam(values_bh: Tensor, avg: Tensor, j: int, window: list[int], u: float) -> None:
+    """If u < p: v_i <- v_i + v_j / m for the m tokens of the window (float32, one rounding)."""
+    if u < _cam_probability(avg, j, window):
+        share = values_bh[j].float() / len(window)
+        for i in window:
+            _store(values_bh[i], values_bh[i].float() + share)
+
+
+def _order(key: float, pos: int) -> tuple:
+    """(key, position) lexicographic order; a NaN key counts as the lowest (like torch.argmin)."""
+    return (0, 0.0, pos) if key != key else (1, key, pos)
+
+
+def _drop(scores_bh, counts_bh, last_bh, slot_pos_bh, j: int) -> None:
+    slot_pos_bh[j] = -1
+    scores_bh[j] = 0
+    counts_bh[j] = 0
+    last_bh[j] = 0
+
+
+def _compress_one(values_bh, scores_bh, counts_bh, last_bh, slot_pos_bh, b, h, budget, sinks,
+                  recent, policy, cam_window, seed) -> None:
+    """Algorithm 1 for one (batch, head): remove one token at a time until the budget holds."""
+    while True:
+        pos = slot_pos_bh.tolist()
+        order = sorted((c for c in range(len(pos)) if pos[c] >= 0), key=lambda c: pos[c])
+        L = len(order)
+        if L <= budget:
+            return
+        eligible = order[sinks:L - recent]  # ranks among held tokens; never empty (budget > s + r)
+        avg = _avg(scores_bh, counts_bh)
+        if policy in ("weightedkv", "evict"):
+            key = avg.tolist()
+        elif policy == "h2o":
+            key = scores_bh.tolist()
+        elif policy == "tova":
+            key = last_bh.tolist()
+        else:  # streaming, cam: the oldest eligible token
+            key = pos
+        j = min(eligible, key=lambda c: _order(key[c], pos[c]))
+        after = order[order.index(j) + 1:]  # held tokens to the right of j, in position order
+        if policy == "weightedkv" and after:
+            _merge_weightedkv(values_bh, avg, j, after[0])
+        elif policy == "cam" and after:
+            _merge_cam(values_bh, avg, j, after[:cam_window], uniform(seed, b, h, pos[j]))
+        _drop(scores_bh, counts_bh, last_bh, slot_pos_bh, j)
+
+
+def compress(keys, values, scores, counts, last, slot_pos, budget, sinks, recent, policy,
+             cam_window=16, seed=0) -> None:
+    """Remove tokens of every (b, h) until at most ``budget`` are held (docs/design.md)."""
+    op = "compress"
+    _check_state(op, keys, values, scores, counts, last, slot_pos)
+    if sinks < 0:
+        _fail(op, f"sinks must be >= 0, got sinks={sinks}")
+    if recent < 0:
+        _fail(op, f"recent must be >= 0, got recent={recent}")
+    if budget <= sinks + recent:
+        _fail(op, f"budget must exceed sinks + recent, got budget={budget}, sinks={sinks}, "
+                  f"recent={recent}")
+    if cam_window < 1:
+        _fail(op, f"cam_window must be >= 1, got cam_window={cam_window}")
+    if policy not in POLICIES:
+        _fail(op, f"policy must be one of {POLICIES}, got {policy!r}")
+    B, H = keys.shape[:2]
+    for b in range(B):
+        for h in range(H):
+            _compress_one(values[b, h], scores[b, h], counts[b, h], last[b, h], slot_pos[b, h],
+                          b, h, budget, sinks, recent, policy, cam_window, seed)
