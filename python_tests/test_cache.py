@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-weightedkv_ext = pytest.importorskip("weightedkv_ext", reason="weightedkv_ext is not built (bash scripts/build.sh)")
+weightedkv_ext = pytest.importorskip(
+    "weightedkv_ext", reason="weightedkv_ext is not built (bash scripts/build.sh)")
 from weightedkv_ext.attention import WeightedKVMask, weightedkv_attention_forward  # noqa: E402
 from weightedkv_ext.cache import POLICIES, WeightedKVCache  # noqa: E402
 
@@ -24,7 +25,8 @@ from weightedkv_ext.cache import POLICIES, WeightedKVCache  # noqa: E402
     (dict(budget=16, sinks=-1), "sinks must be an int >= 0, got sinks=-1"),
     (dict(budget=16, seed=1.5), "seed must be an int, got seed=1.5"),
     (dict(budget=6, sinks=4), "recent defaults to budget // 2 - sinks"),
-    (dict(budget=8, sinks=4, recent=4), "budget must exceed sinks \\+ recent, got budget=8, sinks=4, recent=4"),
+    (dict(budget=8, sinks=4, recent=4),
+     "budget must exceed sinks \\+ recent, got budget=8, sinks=4, recent=4"),
 ])
 def test_arguments_are_validated(kwargs, match):
     with pytest.raises(ValueError, match="WeightedKVCache: " + match):
@@ -40,7 +42,7 @@ def test_defaults_follow_the_paper_rule():
 
 def _kv(B=2, H=2, T=5, D=8, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, H, T, D, generator=g).to(dtype), torch.randn(B, H, T, D, generator=g).to(dtype))
+    return tuple(torch.randn(B, H, T, D, generator=g).to(dtype) for _ in range(2))
 
 
 def _run(cache, layer_idx, q, k, v, real=None):
@@ -68,7 +70,8 @@ def test_unconsumed_update_is_reported():
     cache = WeightedKVCache(16, backend="reference")
     k, v = _kv()
     cache.update(k, v, 0)
-    with pytest.raises(RuntimeError, match=r"layer 0 were never consumed.*weightedkv_ext.enable\(model\)"):
+    with pytest.raises(RuntimeError,
+                       match=r"layer 0 were never consumed.*weightedkv_ext.enable\(model\)"):
         cache.update(k, v, 1)
     single = WeightedKVCache(16, backend="reference")
     single.update(k, v, 0)
@@ -146,3 +149,38 @@ def test_inspection_and_batch_selection():
     assert torch.equal(layer.slot_pos[0], keep) and layer.row_seen.tolist() == [16]
     cache.batch_repeat_interleave(2)
     assert layer.keys.shape[0] == 2 and torch.equal(layer.slot_pos[1], keep)
+
+
+def _alone_at_row(kw, b, q, k, v):
+    """Run one unpadded sequence (``[1, ...]`` tensors) as batch row ``b``: ``b + 1`` copies (CaM's
+    random draw is keyed by the batch row), row ``b`` taken. Returns (out, slot_pos, row_seen)."""
+    cache = WeightedKVCache(**kw)
+    copies = [t.expand(b + 1, *t.shape[1:]).contiguous() for t in (q, k, v)]
+    out = _run(cache, 0, *copies)
+    layer = cache.layers[0]
+    return out[b], layer.slot_pos[b], int(layer.row_seen[b])
+
+
+@pytest.mark.parametrize("backend", ["ops", "reference"])
+@pytest.mark.parametrize("policy", ["weightedkv", "tova", "cam"])
+def test_padded_rows_are_chunked_as_if_run_alone(policy, backend):
+    B, Hq, H, T, D = 3, 4, 2, 23, 8
+    kw = dict(budget=8, sinks=1, recent=2, policy=policy, chunk_size=4, backend=backend)
+    real = torch.zeros(B, T, dtype=torch.bool)
+    real[0, 2:] = True  # left padding, 21 real tokens: chunks of 4, 4, 4, 4, 4, then 1 (decode)
+    real[1, 1::3] = True  # scattered padding, 8 real tokens
+    real[2, [5, 22]] = True  # 2 real tokens: all padding from the second chunk on
+    q = torch.randn(B, Hq, T, D, generator=torch.Generator().manual_seed(3))
+    k, v = _kv(B, H, T, D, seed=4)
+    cache = WeightedKVCache(**kw)
+    out = _run(cache, 0, q, k, v, real)
+    layer = cache.layers[0]
+    assert torch.equal(out[~real], torch.zeros_like(out[~real]))  # padding outputs are zero
+    for b in range(B):
+        r = real[b]
+        got, slot_pos, seen = _alone_at_row(kw, b, q[b:b + 1, :, r], k[b:b + 1, :, r],
+                                            v[b:b + 1, :, r])
+        torch.testing.assert_close(out[b, r], got, rtol=1e-5, atol=1e-5)
+        assert torch.equal(layer.slot_pos[b].sort(-1).values, slot_pos.sort(-1).values)
+        assert int(layer.row_seen[b]) == seen == int(r.sum())
+    assert layer.peak_block == 4 * layer.capacity  # chunks never wider than chunk_size

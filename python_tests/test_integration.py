@@ -12,7 +12,8 @@ import threading
 import pytest
 import torch
 
-weightedkv_ext = pytest.importorskip("weightedkv_ext", reason="weightedkv_ext is not built (bash scripts/build.sh)")
+weightedkv_ext = pytest.importorskip(
+    "weightedkv_ext", reason="weightedkv_ext is not built (bash scripts/build.sh)")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaModel  # noqa: E402
 
@@ -33,7 +34,8 @@ def tiny_llama(kv_heads: int = 2, dtype=torch.float32, seed: int = 0, attn: str 
 
 
 def tokens(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 128, (batch, n), generator=torch.Generator().manual_seed(seed))  # no pad/bos/eos
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 128, (batch, n), generator=g)  # no pad (0), bos (1), eos (2)
 
 
 @torch.no_grad()
@@ -86,7 +88,11 @@ def test_cache_keyword_spelling():
                 model(ids, cache=WeightedKVCache(budget=64))
             return
         b = model(ids, cache=WeightedKVCache(budget=64)).logits
+        gen = dict(max_new_tokens=5, do_sample=False)
+        g1 = model.generate(ids, past_key_values=WeightedKVCache(budget=16, sinks=2), **gen)
+        g2 = model.generate(ids, cache=WeightedKVCache(budget=16, sinks=2), **gen)
     torch.testing.assert_close(a, b)
+    assert torch.equal(g1, g2)
 
 
 def test_beam_search_reorders_the_cache():
@@ -166,17 +172,39 @@ def _left_pad(seqs):
     return ids, mask
 
 
-@pytest.mark.parametrize("policy", ["weightedkv", "tova"])
+PAD_TOL = dict(rtol=1e-5, atol=1e-5)  # same computation, only fp32 rounding differs
+PAD_LENGTHS = (300, 170, 45)  # > several chunks; the last row is all padding in most chunks
+PAD_KW = dict(budget=64, sinks=2, chunk_size=32)
+
+
+def _held_positions(cache, b):
+    """Sorted slot positions of batch row b, per (layer, KV head)."""
+    return [layer.slot_pos[b].sort(-1).values for layer in cache.layers]
+
+
+def _assert_same_held(batch_cache, b, alone_cache, row):
+    for got, want in zip(_held_positions(batch_cache, b), _held_positions(alone_cache, row)):
+        assert torch.equal(got, want)
+
+
+def _alone(seq, b):
+    """The sequence unpadded as batch row b (b + 1 copies): CaM's random draw is keyed by the
+    batch row, so a row is compared with the same sequence at the same row index."""
+    return seq.expand(b + 1, -1)
+
+
+@pytest.mark.parametrize("policy", COMPRESSING)
 def test_left_padded_batch_equals_per_sequence_runs(policy):
     model = tiny_llama()
-    seqs = [tokens(n, seed=10 + n) for n in (45, 70, 58)]
-    steps = tokens(12, batch=3, seed=4)  # fixed decode tokens (no argmax divergence)
-    kw = dict(budget=24, sinks=2, policy=policy, chunk_size=128)  # whole prompt = one chunk
+    seqs = [tokens(n, seed=10 + n) for n in PAD_LENGTHS]
+    steps = tokens(4, batch=3, seed=4)  # fixed decode tokens (no argmax divergence)
+    kw = dict(PAD_KW, policy=policy)
     ids, mask = _left_pad(seqs)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() builds them
     batch_cache = WeightedKVCache(**kw)
     with torch.no_grad():
-        prompt = model(ids, attention_mask=mask, position_ids=pos, past_key_values=batch_cache).logits
+        prompt = model(ids, attention_mask=mask, position_ids=pos,
+                       past_key_values=batch_cache).logits
         decode = []
         for t in range(steps.shape[1]):
             mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
@@ -187,26 +215,33 @@ def test_left_padded_batch_equals_per_sequence_runs(policy):
     for b, s in enumerate(seqs):
         single = WeightedKVCache(**kw)
         n = s.shape[1]
-        torch.testing.assert_close(prompt[b, -n:], stream(model, s, single, step=n)[0], **LOGITS_TOL)
-        torch.testing.assert_close(decode[b], stream(model, steps[b:b + 1], single, step=1)[0],
-                                   **LOGITS_TOL)
-    assert batch_cache.held_tokens().eq(24).all()
+        torch.testing.assert_close(prompt[b, -n:], stream(model, _alone(s, b), single, step=n)[b],
+                                   **PAD_TOL)
+        step_ids = _alone(steps[b:b + 1], b)
+        torch.testing.assert_close(decode[b], stream(model, step_ids, single, step=1)[b],
+                                   **PAD_TOL)
+        _assert_same_held(batch_cache, b, single, b)
+    assert batch_cache.held_tokens().eq(kw["budget"]).all()
 
 
 def test_generate_with_left_padding_equals_per_sequence():
     model = tiny_llama()
-    seqs = [tokens(n, seed=20 + n) for n in (30, 50)]
+    seqs = [tokens(n, seed=20 + n) for n in PAD_LENGTHS]
     ids, mask = _left_pad(seqs)
-    gen = dict(max_new_tokens=20, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
                output_logits=True)
     with torch.no_grad():
-        got = model.generate(ids, attention_mask=mask, past_key_values=WeightedKVCache(24, chunk_size=64), **gen)
+        batch_cache = WeightedKVCache(**PAD_KW)
+        got = model.generate(ids, attention_mask=mask, past_key_values=batch_cache, **gen)
         for b, s in enumerate(seqs):
-            alone = model.generate(s, past_key_values=WeightedKVCache(24, chunk_size=64), **gen)
+            single = WeightedKVCache(**PAD_KW)
+            alone = model.generate(s, past_key_values=single, **gen)
             n = len(alone.logits)  # a single sequence stops at its EOS, the batch goes on
             assert torch.equal(got.sequences[b, ids.shape[1]:][:n], alone.sequences[0, s.shape[1]:])
-            torch.testing.assert_close(torch.stack(got.logits[:n])[:, b], torch.stack(alone.logits)[:, 0],
-                                       **LOGITS_TOL)
+            torch.testing.assert_close(torch.stack(got.logits[:n])[:, b],
+                                       torch.stack(alone.logits)[:, 0], **PAD_TOL)
+            if n == gen["max_new_tokens"]:  # same tokens seen: same slots held
+                _assert_same_held(batch_cache, b, single, 0)
 
 
 # -- concurrency, memory bound, dtypes ----------------------------------------------------------

@@ -17,6 +17,7 @@ _LAZY = {
     "POLICIES": ("cache", "POLICIES"),
     "enable": ("attention", "enable"),
     "models": ("models", None),
+    "data": ("data", None),
 }
 
 
@@ -29,4 +30,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'weightedkv_ext' has no attribute {name!r}")
 
 
-__all__ = ["WeightedKVCache", "POLICIES", "enable", "ops", "reference", "models", "__version__"]
+__all__ = ["WeightedKVCache", "POLICIES", "enable", "ops", "reference", "models", "data", "__version__"]

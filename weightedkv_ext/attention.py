@@ -10,7 +10,8 @@ Plumbing (no process-wide state):
   ``slot_pos``, so no ``[queries x keys]`` mask is built.
 * Per chunk of ``chunk_size`` new tokens: ``append`` -> attention of the chunk's queries over the
   slots (fused ``decode_attention`` for one query, else one float32 ``chunk x slots`` block and
-  ``accumulate``) -> ``compress`` to the budget.
+  ``accumulate``) -> ``compress`` to the budget. With padding, chunks are cut per row over its
+  real tokens only (``_row_chunks``), so each row is chunked as if it ran alone.
 * Untagged keys (another cache, or no cache) fall back to transformers' ``sdpa`` attention.
 """
 from __future__ import annotations
@@ -63,7 +64,8 @@ def weightedkv_mask(batch_size: int, q_length: int, kv_length: int, q_offset: in
         if bool(real.all()):
             real = None
     sdpa_kwargs = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
-                       q_offset=q_offset, kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
+                       q_offset=q_offset, kv_offset=kv_offset, attention_mask=attention_mask,
+                       **kwargs)
     return WeightedKVMask(real, sdpa_kwargs)
 
 
@@ -80,7 +82,8 @@ def _block_attention(ops, layer, query, query_pos, scaling):
     G = Hq // H
     q = query.reshape(B, H, G * Q, D).float()
     logits = torch.matmul(q, keys.float().transpose(-1, -2)).mul_(scaling)  # [B, H, G*Q, C]
-    visible = (slot_pos[:, :, None, :] >= 0) & (slot_pos[:, :, None, :] <= query_pos[:, None, :, None])
+    slots = slot_pos[:, :, None, :]  # [B, H, 1, C]
+    visible = (slots >= 0) & (slots <= query_pos[:, None, :, None])  # [B, H, Q, C]
     logits.view(B, H, G, Q, C).masked_fill_(~visible[:, :, None], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     # A query that sees no slot (padding) gets all-zero probabilities instead of NaN.
@@ -105,6 +108,52 @@ def _positions(layer, real: torch.Tensor | None, B: int, T: int, device) -> torc
     return pos.masked_fill(~real, -1)
 
 
+def _row_chunks(real: torch.Tensor, pos: torch.Tensor, S: int):
+    """Chunks of a padded call: yields ``(cols, qpos)``, int64 ``[B, w]`` each, ``w <= S``.
+
+    Chunk ``k`` holds, for every row ``b``, the columns of row ``b``'s real tokens with in-call
+    real index ``k*S .. k*S+S-1`` (any padding pattern), so a row is chunked exactly as the same
+    sequence run alone. A row with fewer real tokens is filled with its padding columns, whose
+    ``qpos`` (``pos`` gathered) is -1: never appended, never attended, no statistics.
+    ``real`` bool ``[B, T]``; ``pos`` int64 ``[B, T]`` from ``_positions`` (-1 at padding).
+    """
+    # Per row: the columns of its real tokens in order, then its padding columns.
+    order = torch.argsort((~real).to(torch.uint8), dim=1, stable=True)
+    n_real = int(real.sum(1).max())
+    for s in range(0, n_real, S):
+        cols = order[:, s:min(n_real, s + S)]
+        yield cols, pos.gather(1, cols)
+
+
+def _gather_tokens(x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``x[b, :, cols[b, i]]``: ``x`` ``[B, H, T, D]``, ``cols`` ``[B, w]`` -> ``[B, H, w, D]``."""
+    B, H, _, D = x.shape
+    return x.gather(2, cols[:, None, :, None].expand(B, H, cols.shape[1], D))
+
+
+def _chunk(layer, query, key, value, qpos, scaling):
+    """One chunk: append -> attention of its queries over the slots -> compress to the budget.
+
+    query ``[B, Hq, w, D]``, key/value ``[B, H, w, D]``, qpos int64 ``[B, w]`` (-1 = padding)
+    -> out ``[B, Hq, w, D]``.
+    """
+    cache, ops = layer.cache, layer.cache.ops
+    w = query.shape[2]
+    layer.reserve(w)
+    ops.append(*layer.state, key, value, qpos)
+    if w == 1:
+        keys, values, scores, counts, last, slot_pos = layer.state
+        out = ops.decode_attention(query[:, :, 0], keys, values, slot_pos, qpos[:, 0], scores,
+                                   counts, last, scaling, cache.group_reduce)[:, :, None]
+        layer.peak_block = max(layer.peak_block, layer.capacity)
+    else:
+        out = _block_attention(ops, layer, query, qpos, scaling)
+    if cache.policy != "full":
+        ops.compress(*layer.state, cache.budget, cache.sinks, cache.recent, cache.policy,
+                     cache.cam_window, cache.seed)
+    return out
+
+
 def weightedkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                                  value: torch.Tensor, attention_mask, dropout: float = 0.0,
                                  scaling: float | None = None, **kwargs):
@@ -118,8 +167,8 @@ def weightedkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, k
         if "cache" in kwargs and type(kwargs["cache"]).__name__ == "WeightedKVCache":
             # A forward without a `cache` argument passes it down here untouched (transformers
             # 5.23 only knows past_key_values=): the cache would be silently ignored.
-            raise TypeError("weightedkv attention: this model's forward() has no `cache=` argument; "
-                            "pass the WeightedKVCache as past_key_values=")
+            raise TypeError("weightedkv attention: this model's forward() has no `cache=` "
+                            "argument; pass the WeightedKVCache as past_key_values=")
         if isinstance(attention_mask, WeightedKVMask):
             attention_mask = attention_mask.sdpa()
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -128,10 +177,10 @@ def weightedkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, k
     if attention_mask is not None and not isinstance(attention_mask, WeightedKVMask):
         raise ValueError(
             "weightedkv attention: expected the 2-D padding attention_mask (turned into a "
-            f"WeightedKVMask by transformers), got a prepared mask of type {type(attention_mask).__name__} "
-            f"and shape {tuple(getattr(attention_mask, 'shape', ()))}; pass a 2-D attention_mask")
+            "WeightedKVMask by transformers), got a prepared mask of type "
+            f"{type(attention_mask).__name__} and shape "
+            f"{tuple(getattr(attention_mask, 'shape', ()))}; pass a 2-D attention_mask")
     cache = layer.cache
-    ops = cache.ops
     B, Hq, T, D = query.shape
     if scaling is None:
         scaling = D ** -0.5
@@ -140,24 +189,19 @@ def weightedkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, k
         raise ValueError(f"weightedkv attention: padding mask has shape {tuple(real.shape)}, "
                          f"expected [{B}, {T}]")
     pos = _positions(layer, real, B, T, query.device)
-    outs = []
-    for s in range(0, T, cache.chunk_size):
-        e = min(T, s + cache.chunk_size)
-        qpos = pos[:, s:e].contiguous()
-        layer.reserve(e - s)
-        ops.append(*layer.state, key[:, :, s:e], value[:, :, s:e], qpos)
-        if e - s == 1:
-            keys, values, scores, counts, last, slot_pos = layer.state
-            out = ops.decode_attention(query[:, :, s], keys, values, slot_pos, qpos[:, 0], scores,
-                                       counts, last, scaling, cache.group_reduce)[:, :, None]
-            layer.peak_block = max(layer.peak_block, layer.capacity)
-        else:
-            out = _block_attention(ops, layer, query[:, :, s:e], qpos, scaling)
-        outs.append(out)
-        if cache.policy != "full":
-            ops.compress(*layer.state, cache.budget, cache.sinks, cache.recent, cache.policy,
-                         cache.cam_window, cache.seed)
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    S = cache.chunk_size
+    if real is None:  # no padding: chunks are plain column slices
+        outs = [_chunk(layer, query[:, :, s:s + S], key[:, :, s:s + S], value[:, :, s:s + S],
+                       pos[:, s:s + S].contiguous(), scaling) for s in range(0, T, S)]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        return out.transpose(1, 2).contiguous(), None
+    # Padding: per-row chunks of real tokens (_row_chunks); outputs are scattered back to their
+    # columns, padding columns stay zero.
+    out = query.new_zeros(B, Hq, T, D)
+    for cols, qpos in _row_chunks(real.to(query.device), pos, S):
+        o = _chunk(layer, _gather_tokens(query, cols), _gather_tokens(key, cols),
+                   _gather_tokens(value, cols), qpos, scaling)
+        out.scatter_(2, cols[:, None, :, None].expand_as(o), o)  # zeros where qpos == -1
     return out.transpose(1, 2).contiguous(), None
 
 

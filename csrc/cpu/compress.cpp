@@ -47,20 +47,27 @@ inline bool cand_less(const Cand& a, const Cand& b) {
   return a.slot < b.slot;  // only for duplicate positions (not produced by the integration)
 }
 
-// Scratch buffers reused across the rows of one parallel task.
+// Scratch buffers of one thread, reused across rows and calls (no allocation once warm).
 struct Scratch {
-  std::vector<PosSlot> held, tmp;
+  std::vector<PosSlot> held, tmp, tmp2;
   std::vector<Cand> cands;
   std::vector<int64_t> rank_of_slot, next, prev;
   std::vector<int64_t> window;
-  explicit Scratch(int64_t C) : rank_of_slot(C) {
+  std::vector<int32_t> hist;
+  // k > 1 WeightedKV removals: removed tokens in (pos, slot) order and their links
+  std::vector<PosSlot> rs;
+  std::vector<PosSlot> next_kept;
+  std::vector<int64_t> rs_index, rs_next;
+  void reserve(int64_t C) {
+    if (static_cast<int64_t>(rank_of_slot.size()) < C) rank_of_slot.resize(C);
     held.reserve(C);
     tmp.reserve(C);
     cands.reserve(C);
-    next.reserve(C + 1);
-    prev.reserve(C + 1);
   }
 };
+
+constexpr int kHistBuckets = 1024;
+constexpr PosSlot kNoToken{std::numeric_limits<int64_t>::max(), std::numeric_limits<int64_t>::max()};
 
 template <class T>
 class RowCompressor {
@@ -73,9 +80,14 @@ class RowCompressor {
   void run() {
     // held tokens
     s_.held.clear();
+    int64_t minp = std::numeric_limits<int64_t>::max(), maxp = -1;
     for (int64_t c = 0; c < c_.C; ++c) {
       const int64_t pos = slot_pos(c);
-      if (pos >= 0) s_.held.push_back({pos, c});
+      if (pos >= 0) {
+        s_.held.push_back({pos, c});
+        minp = std::min(minp, pos);
+        maxp = std::max(maxp, pos);
+      }
     }
     const int64_t L = static_cast<int64_t>(s_.held.size());
     if (L <= p_.budget) return;
@@ -83,32 +95,34 @@ class RowCompressor {
 
     // eligibility: rank in [sinks, L - recent) of the (pos, slot) order
     PosSlot lo{std::numeric_limits<int64_t>::min(), -1};
-    PosSlot hi{std::numeric_limits<int64_t>::max(), std::numeric_limits<int64_t>::max()};
-    s_.tmp = s_.held;
-    if (p_.sinks > 0) {
-      std::nth_element(s_.tmp.begin(), s_.tmp.begin() + (p_.sinks - 1), s_.tmp.end());
-      lo = s_.tmp[p_.sinks - 1];
-    }
-    if (p_.recent > 0) {
-      std::nth_element(s_.tmp.begin(), s_.tmp.begin() + (L - p_.recent), s_.tmp.end());
-      hi = s_.tmp[L - p_.recent];
-    }
+    PosSlot hi = kNoToken;
+    select_ranks(minp, maxp, p_.sinks > 0 ? p_.sinks - 1 : -1, p_.recent > 0 ? L - p_.recent : -1,
+                 &lo, &hi);
+
+    // removal order: the k smallest eligible candidates (more than k are eligible since
+    // budget > sinks + recent)
     s_.cands.clear();
+    Cand best{0.0f, 0, -1};
     for (const PosSlot& ps : s_.held) {
       if (!(lo < ps) || !(ps < hi)) continue;
       const int64_t c = ps.slot;
-      s_.cands.push_back({slot_key(p_.policy, stat(c_.scores, c_.scores_st, c),
-                                   stat(c_.counts, c_.counts_st, c), stat(c_.last, c_.last_st, c)),
-                          ps.pos, c});
+      const Cand cand{slot_key(p_.policy, stat(c_.scores, c_.scores_st, c),
+                               stat(c_.counts, c_.counts_st, c), stat(c_.last, c_.last_st, c)),
+                      ps.pos, c};
+      if (k == 1) {
+        if (best.slot < 0 || cand_less(cand, best)) best = cand;
+      } else {
+        s_.cands.push_back(cand);
+      }
     }
-    // removal order: the k smallest eligible candidates (more than k are eligible since
-    // budget > sinks + recent)
-    TORCH_INTERNAL_ASSERT(static_cast<int64_t>(s_.cands.size()) > k);
     if (k == 1) {
-      auto it = std::min_element(s_.cands.begin(), s_.cands.end(), cand_less);
-      std::iter_swap(s_.cands.begin(), it);
+      TORCH_INTERNAL_ASSERT(best.slot >= 0);
+      s_.cands.push_back(best);
     } else {
-      std::partial_sort(s_.cands.begin(), s_.cands.begin() + k, s_.cands.end(), cand_less);
+      TORCH_INTERNAL_ASSERT(static_cast<int64_t>(s_.cands.size()) > k);
+      // cand_less is a strict total order (slots are unique): the k smallest, sorted
+      std::nth_element(s_.cands.begin(), s_.cands.begin() + (k - 1), s_.cands.end(), cand_less);
+      std::sort(s_.cands.begin(), s_.cands.begin() + k, cand_less);
     }
 
     if (!policy_merges(p_.policy)) {
@@ -118,19 +132,31 @@ class RowCompressor {
     const int64_t m_max = p_.policy == Policy::WeightedKV ? 1 : p_.cam_window;
     if (k == 1) {
       const int64_t j = s_.cands[0].slot;
-      // the m_max held tokens after j, in position order
       const PosSlot pj{s_.cands[0].pos, j};
-      s_.tmp.clear();
-      for (const PosSlot& ps : s_.held)
-        if (pj < ps) s_.tmp.push_back(ps);
-      const int64_t m = std::min<int64_t>(m_max, static_cast<int64_t>(s_.tmp.size()));
-      std::partial_sort(s_.tmp.begin(), s_.tmp.begin() + m, s_.tmp.end());
       s_.window.clear();
-      for (int64_t i = 0; i < m; ++i) s_.window.push_back(s_.tmp[i].slot);
+      if (m_max == 1) {
+        // right neighbour: the smallest held token after j
+        PosSlot r = kNoToken;
+        for (const PosSlot& ps : s_.held)
+          if (pj < ps && ps < r) r = ps;
+        if (r.slot != kNoToken.slot) s_.window.push_back(r.slot);
+      } else {
+        // the m_max held tokens after j, in position order
+        s_.tmp.clear();
+        for (const PosSlot& ps : s_.held)
+          if (pj < ps) s_.tmp.push_back(ps);
+        const int64_t m = std::min<int64_t>(m_max, static_cast<int64_t>(s_.tmp.size()));
+        std::partial_sort(s_.tmp.begin(), s_.tmp.begin() + m, s_.tmp.end());
+        for (int64_t i = 0; i < m; ++i) s_.window.push_back(s_.tmp[i].slot);
+      }
       remove_with_merge(j);
       return;
     }
-    // k > 1: doubly linked list over the (pos, slot) order of the held tokens; rank L = end.
+    if (m_max == 1) {
+      remove_many_weightedkv(k);
+      return;
+    }
+    // k > 1 (CaM): doubly linked list over the (pos, slot) order of the held tokens; rank L = end.
     std::sort(s_.held.begin(), s_.held.end());
     s_.next.resize(L + 1);
     s_.prev.resize(L + 1);
@@ -155,6 +181,95 @@ class RowCompressor {
   }
 
  private:
+  // The held tokens of ranks r_lo and r_hi (0-based, -1 = not wanted) in (pos, slot) order:
+  // one histogram pass over position buckets, then a selection inside the bucket of each rank.
+  void select_ranks(int64_t minp, int64_t maxp, int64_t r_lo, int64_t r_hi, PosSlot* lo,
+                    PosSlot* hi) {
+    if (r_lo < 0 && r_hi < 0) return;
+    const uint64_t range = static_cast<uint64_t>(maxp - minp);
+    int shift = 0;
+    while ((range >> shift) >= static_cast<uint64_t>(kHistBuckets)) ++shift;
+    auto bucket = [&](int64_t pos) { return static_cast<int>(static_cast<uint64_t>(pos - minp) >> shift); };
+    s_.hist.assign(kHistBuckets, 0);
+    for (const PosSlot& ps : s_.held) ++s_.hist[bucket(ps.pos)];
+    // bucket of a rank and the rank's offset inside it
+    auto locate = [&](int64_t r, int* bkt, int64_t* within) {
+      int64_t below = 0;
+      for (int i = 0; i < kHistBuckets; ++i) {
+        if (below + s_.hist[i] > r) {
+          *bkt = i;
+          *within = r - below;
+          return;
+        }
+        below += s_.hist[i];
+      }
+      TORCH_INTERNAL_ASSERT(false, "compress: rank beyond the held tokens");
+    };
+    int b_lo = -1, b_hi = -1;
+    int64_t w_lo = 0, w_hi = 0;
+    if (r_lo >= 0) locate(r_lo, &b_lo, &w_lo);
+    if (r_hi >= 0) locate(r_hi, &b_hi, &w_hi);
+    s_.tmp.clear();
+    s_.tmp2.clear();
+    for (const PosSlot& ps : s_.held) {
+      const int bk = bucket(ps.pos);
+      if (bk == b_lo) s_.tmp.push_back(ps);
+      if (bk == b_hi) s_.tmp2.push_back(ps);
+    }
+    if (b_lo >= 0) {
+      std::nth_element(s_.tmp.begin(), s_.tmp.begin() + w_lo, s_.tmp.end());
+      *lo = s_.tmp[w_lo];
+    }
+    if (b_hi >= 0) {
+      std::nth_element(s_.tmp2.begin(), s_.tmp2.begin() + w_hi, s_.tmp2.end());
+      *hi = s_.tmp2[w_hi];
+    }
+  }
+
+  // WeightedKV with k > 1 removals (s_.cands[0..k) in removal order). The right neighbour of the
+  // i-th removed token j at its removal is the first held token after j not removed before it:
+  // either the next still-present token of the removal set (when it lies before j's next kept
+  // token), or j's next kept token (never removed). Only the k removed tokens are ordered.
+  void remove_many_weightedkv(int64_t k) {
+    s_.rs.resize(k);
+    for (int64_t i = 0; i < k; ++i) s_.rs[i] = {s_.cands[i].pos, s_.cands[i].slot};
+    std::sort(s_.rs.begin(), s_.rs.end());
+    // rank_of_slot marks the removal set: slot -> sorted index (other entries may be stale: a
+    // mark counts only if rs[mark] is that slot)
+    for (int64_t i = 0; i < k; ++i) s_.rank_of_slot[s_.rs[i].slot] = i;
+    // next_kept[i]: the smallest kept token after rs[i] (kNoToken if none)
+    s_.next_kept.assign(k + 1, kNoToken);
+    for (const PosSlot& ps : s_.held) {
+      const int64_t ri = s_.rank_of_slot[ps.slot];
+      if (ri >= 0 && ri < k && s_.rs[ri].slot == ps.slot) continue;  // removed
+      // removed tokens before ps: rs[0 .. idx)
+      const int64_t idx = std::lower_bound(s_.rs.begin(), s_.rs.end(), ps) - s_.rs.begin();
+      if (idx > 0 && ps < s_.next_kept[idx - 1]) s_.next_kept[idx - 1] = ps;
+    }
+    for (int64_t i = k - 2; i >= 0; --i)
+      if (s_.next_kept[i + 1] < s_.next_kept[i]) s_.next_kept[i] = s_.next_kept[i + 1];
+    s_.rs_next.resize(k + 1);
+    s_.prev.resize(k + 1);
+    for (int64_t i = 0; i < k; ++i) {
+      s_.rs_next[i] = i + 1;
+      s_.prev[i] = i - 1;
+    }
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t j = s_.cands[i].slot;
+      const int64_t si = s_.rank_of_slot[j];
+      const int64_t ns = s_.rs_next[si];
+      s_.window.clear();
+      if (ns < k && s_.rs[ns] < s_.next_kept[si])
+        s_.window.push_back(s_.rs[ns].slot);
+      else if (s_.next_kept[si].slot != kNoToken.slot)
+        s_.window.push_back(s_.next_kept[si].slot);
+      remove_with_merge(j);
+      const int64_t pv = s_.prev[si];
+      if (pv >= 0) s_.rs_next[pv] = ns;
+      s_.prev[ns] = pv;  // ns may be the end sentinel k
+    }
+  }
+
   int64_t slot_pos(int64_t c) const { return c_.slot_pos[off(c_.pos_st, b_, h_, c)]; }
   float stat(const float* base, Stride3 st, int64_t c) const { return base[off(st, b_, h_, c)]; }
   float avg(int64_t c) const {
@@ -208,7 +323,8 @@ void compress_cpu(const at::Tensor& keys, const at::Tensor& values, const at::Te
   WKV_DISPATCH_FLOAT_TYPES(keys.scalar_type(), "compress", [&] {
     using T = elem_t<scalar_t>;
     at::parallel_for(0, rows, grain(4 * int64_t(p.cache.C)), [&](int64_t begin, int64_t end) {
-      Scratch scratch(p.cache.C);
+      thread_local Scratch scratch;
+      scratch.reserve(p.cache.C);
       for (int64_t r = begin; r < end; ++r)
         RowCompressor<T>(p, r / p.cache.H, r % p.cache.H, scratch).run();
     });

@@ -3,52 +3,132 @@
 // slot_pos <= query_pos[b] (slot order); logits = scale * <q, k> and softmax in float32
 // (max-subtracted), out = sum_c p_c v_c in float32 rounded once; the statistics are updated as
 // accumulate does with Q = 1 (p reduced over the G heads in increasing g). Each (b, h) is done by
-// one task in a fixed order, so results do not depend on the thread count.
+// one task in a fixed order, so results do not depend on the thread count. The row loop is also
+// compiled for AVX2 (picked at run time, isa.h): same operations in the same order, no
+// FMA contraction, hence the same results bit for bit.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../dispatch.h"
 #include "../kernels/convert.h"
 #include "../kernels/policy.h"
 #include "cpu_common.h"
+#include "isa.h"
 #include "prepare.h"
 
 namespace wkv::cpu {
 namespace {
 
-// Dot product of two contiguous float vectors, 8 partial sums in a fixed order.
-inline float dot(const float* a, const float* b, int64_t D) {
-  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8)
-    for (int l = 0; l < 8; ++l) s[l] += a[d + l] * b[d + l];
-  for (int l = 0; d < D; ++d, ++l) s[l] += a[d] * b[d];
+// 8 float lanes as a GCC vector: element-wise IEEE operations (no contraction: -ffp-contract=off),
+// lowered to two SSE registers by default and to one AVX2 register in the AVX2 build.
+typedef float v8f __attribute__((vector_size(32)));
+
+WKV_CPU_INLINE v8f load8(const float* p) {
+  v8f v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+WKV_CPU_INLINE void store8(float* p, v8f v) { __builtin_memcpy(p, &v, sizeof(v)); }
+
+WKV_CPU_INLINE float combine8(v8f s) {
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
+// Dot products of NG query rows (q, row stride D) with NK key rows, each the same sum as
+//   s[l] += a[d + l] * b[d + l] over blocks of 8 (then the tail into s[0..]), combined pairwise:
+// the NG x NK sums are independent chains computed side by side (latency hiding only).
+template <int NG, int NK>
+WKV_CPU_INLINE void dots(const float* q, const float* const* k, int64_t D, float scale,
+                         float* out, int64_t out_g_stride) {
+  v8f s[NG][NK];
+  for (int g = 0; g < NG; ++g)
+    for (int j = 0; j < NK; ++j) s[g][j] = v8f{0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    v8f kv[NK];
+    for (int j = 0; j < NK; ++j) kv[j] = load8(k[j] + d);
+    for (int g = 0; g < NG; ++g) {
+      const v8f qv = load8(q + g * D + d);
+      for (int j = 0; j < NK; ++j) s[g][j] += qv * kv[j];
+    }
+  }
+  for (int l = 0; d < D; ++d, ++l)
+    for (int g = 0; g < NG; ++g)
+      for (int j = 0; j < NK; ++j) s[g][j][l] += q[g * D + d] * k[j][d];
+  for (int g = 0; g < NG; ++g)
+    for (int j = 0; j < NK; ++j) out[g * out_g_stride + j] = combine8(s[g][j]) * scale;
+}
+
+// logits[g * n + i] = scale * <q_g, k_i> for query heads g0 .. g0 + NG - 1.
+template <int NG, class KeyRow>
+WKV_CPU_INLINE void qk_rows(const float* q, int64_t D, int64_t n, float scale, KeyRow key_row,
+                            float* logits) {
+  int64_t i = 0;
+  for (; i + 2 <= n; i += 2) {
+    const float* k[2] = {key_row(i, 0), key_row(i + 1, 1)};
+    dots<NG, 2>(q, k, D, scale, logits + i, n);
+  }
+  for (; i < n; ++i) {
+    const float* k[1] = {key_row(i, 0)};
+    dots<NG, 1>(q, k, D, scale, logits + i, n);
+  }
+}
+
+// acc[d] += w_i * v_i[d] for the rows i in increasing order (each element: the same sequence of
+// roundings as one row at a time), NK rows per pass to keep acc in registers.
+template <int NK>
+WKV_CPU_INLINE void axpy_rows(float* acc, const float* const* v, const float* w, int64_t D) {
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    v8f a = load8(acc + d);
+    for (int j = 0; j < NK; ++j) a = a + w[j] * load8(v[j] + d);
+    store8(acc + d, a);
+  }
+  for (; d < D; ++d) {
+    float a = acc[d];
+    for (int j = 0; j < NK; ++j) a = a + w[j] * v[j][d];
+    acc[d] = a;
+  }
+}
+
+// A contiguous float view of one row: the row itself when it already is one, else a converted
+// copy in dst.
 template <class T>
-inline void load_row(const T* src, int64_t stride, int64_t D, float* dst) {
+WKV_CPU_INLINE const float* row_f32(const T* src, int64_t stride, int64_t D, float* dst) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (stride == 1) return src;
+  }
   if (stride == 1) {
     for (int64_t d = 0; d < D; ++d) dst[d] = to_float(src[d]);
   } else {
     for (int64_t d = 0; d < D; ++d) dst[d] = to_float(src[d * stride]);
   }
+  return dst;
 }
 
 template <class T>
-void decode_rows(const DecodeParams& p, int64_t begin, int64_t end) {
+WKV_CPU_INLINE void decode_rows(const DecodeParams& p, int64_t begin, int64_t end) {
   const int64_t G = p.G, C = p.C, D = p.D;
   const T* query = static_cast<const T*>(p.query);
   const T* keys = static_cast<const T*>(p.keys);
   const T* values = static_cast<const T*>(p.values);
   T* out = static_cast<T*>(p.out);
-  std::vector<float> qf(G * D), acc(G * D), row(D), logits(G * C);
-  std::vector<int64_t> seen(C);
+  // per-thread scratch, reused across calls (no allocation once warm)
+  constexpr int kRows = 4;  // key/value rows per pass
+  thread_local std::vector<float> qf, acc, row, logits;
+  thread_local std::vector<int64_t> seen;
+  qf.resize(G * D);
+  acc.resize(G * D);
+  row.resize(kRows * D);
+  logits.resize(G * C);
+  seen.resize(C);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t b = r / p.H, h = r % p.H;
     const int64_t qp = p.query_pos[off(p.query_pos_st, b)];
@@ -82,17 +162,28 @@ void decode_rows(const DecodeParams& p, int64_t begin, int64_t end) {
       continue;
     }
     for (int64_t g = 0; g < G; ++g)
-      load_row(query + off(p.query_st, b, h * G + g, 0), p.query_st.s2, D, &qf[g * D]);
+      for (int64_t d = 0; d < D; ++d)
+        qf[g * D + d] = to_float(query[off(p.query_st, b, h * G + g, d)]);
     // logits[g * n + i]
-    for (int64_t i = 0; i < n; ++i) {
-      load_row(keys + off(p.keys_st, b, h, seen[i], 0), p.keys_st.s3, D, row.data());
-      for (int64_t g = 0; g < G; ++g) logits[g * n + i] = dot(&qf[g * D], row.data(), D) * p.scale;
+    const T* kbase = keys + off(p.keys_st, b, h, 0, 0);
+    auto key_row = [&](int64_t i, int j) {
+      return row_f32(kbase + seen[i] * p.keys_st.s2, p.keys_st.s3, D, row.data() + j * D);
+    };
+    for (int64_t g = 0; g < G;) {
+      const int64_t ng = std::min<int64_t>(4, G - g);
+      float* lg = &logits[g * n];
+      const float* qg = &qf[g * D];
+      if (ng == 4) qk_rows<4>(qg, D, n, p.scale, key_row, lg);
+      else if (ng == 3) qk_rows<3>(qg, D, n, p.scale, key_row, lg);
+      else if (ng == 2) qk_rows<2>(qg, D, n, p.scale, key_row, lg);
+      else qk_rows<1>(qg, D, n, p.scale, key_row, lg);
+      g += ng;
     }
     // softmax per query head, in place
     for (int64_t g = 0; g < G; ++g) {
       float* l = &logits[g * n];
       float mx = l[0];
-      for (int64_t i = 1; i < n; ++i) mx = std::fmax(mx, l[i]);
+      for (int64_t i = 1; i < n; ++i) mx = (l[i] > mx || mx != mx) ? l[i] : mx;  // fmax
       float sum = 0.0f;
       for (int64_t i = 0; i < n; ++i) {
         l[i] = std::exp(l[i] - mx);
@@ -102,13 +193,23 @@ void decode_rows(const DecodeParams& p, int64_t begin, int64_t end) {
     }
     // out = P V
     std::fill(acc.begin(), acc.end(), 0.0f);
-    for (int64_t i = 0; i < n; ++i) {
-      load_row(values + off(p.values_st, b, h, seen[i], 0), p.values_st.s3, D, row.data());
+    const T* vbase = values + off(p.values_st, b, h, 0, 0);
+    int64_t i = 0;
+    for (; i + kRows <= n; i += kRows) {
+      const float* v[kRows];
+      for (int j = 0; j < kRows; ++j)
+        v[j] = row_f32(vbase + seen[i + j] * p.values_st.s2, p.values_st.s3, D,
+                       row.data() + j * D);
       for (int64_t g = 0; g < G; ++g) {
-        const float w = logits[g * n + i];
-        float* a = &acc[g * D];
-        for (int64_t d = 0; d < D; ++d) a[d] += w * row[d];
+        float w[kRows];
+        for (int j = 0; j < kRows; ++j) w[j] = logits[g * n + i + j];
+        axpy_rows<kRows>(&acc[g * D], v, w, D);
       }
+    }
+    for (; i < n; ++i) {
+      const float* v[1] = {
+          row_f32(vbase + seen[i] * p.values_st.s2, p.values_st.s3, D, row.data())};
+      for (int64_t g = 0; g < G; ++g) axpy_rows<1>(&acc[g * D], v, &logits[g * n + i], D);
     }
     write_out(false);
     // statistics
@@ -124,6 +225,11 @@ void decode_rows(const DecodeParams& p, int64_t begin, int64_t end) {
   }
 }
 
+template <class T>
+WKV_AVX2_TARGET void decode_rows_avx2(const DecodeParams& p, int64_t begin, int64_t end) {
+  decode_rows<T>(p, begin, end);
+}
+
 at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& keys,
                                 const at::Tensor& values, const at::Tensor& slot_pos,
                                 const at::Tensor& query_pos, const at::Tensor& scores,
@@ -136,8 +242,12 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& keys,
   const int64_t rows = int64_t(p.B) * p.H;
   if (rows == 0) return out;
   WKV_DISPATCH_FLOAT_TYPES(query.scalar_type(), "decode_attention", [&] {
+    using T = elem_t<scalar_t>;
     at::parallel_for(0, rows, grain(int64_t(p.G) * p.C * p.D), [&](int64_t begin, int64_t end) {
-      decode_rows<elem_t<scalar_t>>(p, begin, end);
+      if (cpu_has_avx2())
+        decode_rows_avx2<T>(p, begin, end);
+      else
+        decode_rows<T>(p, begin, end);
     });
   });
   return out;

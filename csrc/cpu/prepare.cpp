@@ -1,13 +1,16 @@
 // prepare.cpp: validation + params packing for all four ops (see prepare.h).
 #include "prepare.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <array>
+#include <cmath>
 #include <initializer_list>
-#include <utility>
 #include <limits>
+#include <utility>
+#include <vector>
 
 namespace wkv::host {
 namespace {
@@ -42,6 +45,46 @@ void check_device(const char* op, const at::Tensor& ref, const char* ref_name,
   for (const auto& [name, t] : others)
     TORCH_CHECK(t->device() == ref.device(), op, ": all tensors must be on one device, but ",
                 ref_name, " is on ", ref.device(), " and ", name, " is on ", t->device());
+}
+
+using Named = std::pair<const char*, const at::Tensor*>;
+
+// True if a and b certainly share memory: the same tensor, the same first element, or (both
+// dense) overlapping byte ranges. Interleaved non-dense views of one buffer are accepted.
+bool shares_memory(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  if (a.is_same(b) || a.data_ptr() == b.data_ptr()) return true;
+  const at::MemOverlapStatus s = at::get_overlap_status(a, b);
+  return s == at::MemOverlapStatus::Full || s == at::MemOverlapStatus::Partial;
+}
+
+// Tensors written in place must not have self-overlapping elements (e.g. expanded, stride 0)
+// nor share memory with each other or with the op's inputs: the result would depend on the
+// order of the writes (a silent wrong result).
+void check_no_aliasing(const char* op, std::initializer_list<Named> written,
+                       std::initializer_list<Named> read) {
+  const std::vector<Named> w(written);
+  for (size_t i = 0; i < w.size(); ++i) {
+    const at::Tensor& t = *w[i].second;
+    TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", w[i].first,
+                " is written in place but several of its elements share memory (an expanded "
+                "tensor?), got shape ", t.sizes(), " and strides ", t.strides());
+    for (size_t j = i + 1; j < w.size(); ++j)
+      TORCH_CHECK(!shares_memory(t, *w[j].second), op, ": ", w[i].first, " and ", w[j].first,
+                  " share memory, but both are written in place; pass distinct tensors");
+    for (const auto& [name, r] : read)
+      TORCH_CHECK(!shares_memory(t, *r), op, ": ", name, " shares memory with ", w[i].first,
+                  ", which is written in place; pass distinct tensors");
+  }
+}
+
+// A name must match exactly (no embedded NUL byte truncating the comparison).
+bool plain_name(const std::string& name) { return name.find('\0') == std::string::npos; }
+// The name for an error message, NUL bytes shown as \0 (a raw NUL would cut the message).
+std::string printable(std::string name) {
+  for (size_t i = name.find('\0'); i != std::string::npos; i = name.find('\0', i + 2))
+    name.replace(i, 1, "\\0");
+  return name;
 }
 
 void check_int32(const char* op, const char* what, int64_t v) {
@@ -111,8 +154,8 @@ CacheParams make_cache(const at::Tensor& keys, const at::Tensor& values, const a
 
 GroupReduce parse_reduce_or_throw(const char* op, const std::string& name) {
   GroupReduce r;
-  TORCH_CHECK(parse_group_reduce(name.c_str(), &r), op,
-              ": group_reduce must be one of 'mean', 'sum', 'max', got '", name, "'");
+  TORCH_CHECK(plain_name(name) && parse_group_reduce(name.c_str(), &r), op,
+              ": group_reduce must be one of 'mean', 'sum', 'max', got '", printable(name), "'");
   return r;
 }
 
@@ -155,6 +198,10 @@ AppendParams prepare_append(const at::Tensor& keys, const at::Tensor& values,
   check_device(op, keys, "keys",
                {{"new_keys", &new_keys}, {"new_values", &new_values}, {"new_pos", &new_pos}});
   check_int32(op, "T", T);
+  check_no_aliasing(op,
+                    {{"keys", &keys}, {"values", &values}, {"scores", &scores},
+                     {"counts", &counts}, {"last", &last}, {"slot_pos", &slot_pos}},
+                    {{"new_keys", &new_keys}, {"new_values", &new_values}, {"new_pos", &new_pos}});
 
   AppendParams p;
   p.cache = make_cache(keys, values, scores, counts, last, slot_pos);
@@ -193,6 +240,8 @@ AccumulateParams prepare_accumulate(const at::Tensor& probs, const at::Tensor& s
                {{"slot_pos", &slot_pos}, {"query_pos", &query_pos}, {"scores", &scores},
                 {"counts", &counts}, {"last", &last}});
   for (int64_t v : {B, H, C, Q, Hq}) check_int32(op, "a dimension", v);
+  check_no_aliasing(op, {{"scores", &scores}, {"counts", &counts}, {"last", &last}},
+                    {{"probs", &probs}, {"slot_pos", &slot_pos}, {"query_pos", &query_pos}});
 
   AccumulateParams p;
   p.reduce = parse_reduce_or_throw(op, group_reduce);
@@ -225,13 +274,19 @@ CompressParams prepare_compress(const at::Tensor& keys, const at::Tensor& values
   check_cache(op, keys, values, scores, counts, last, slot_pos);
   TORCH_CHECK(sinks >= 0, op, ": sinks must be >= 0, got sinks=", sinks);
   TORCH_CHECK(recent >= 0, op, ": recent must be >= 0, got recent=", recent);
-  TORCH_CHECK(budget > sinks + recent, op, ": budget must exceed sinks + recent, got budget=",
-              budget, ", sinks=", sinks, ", recent=", recent);
+  // budget > sinks + recent, written so that huge sinks/recent cannot overflow int64
+  TORCH_CHECK(budget > sinks && budget - sinks > recent, op,
+              ": budget must exceed sinks + recent, got budget=", budget, ", sinks=", sinks,
+              ", recent=", recent);
   TORCH_CHECK(cam_window >= 1, op, ": cam_window must be >= 1, got cam_window=", cam_window);
   CompressParams p;
-  TORCH_CHECK(parse_policy(policy.c_str(), &p.policy), op,
+  TORCH_CHECK(plain_name(policy) && parse_policy(policy.c_str(), &p.policy), op,
               ": policy must be one of 'weightedkv', 'evict', 'h2o', 'tova', 'streaming', "
-              "'cam', got '", policy, "'");
+              "'cam', got '", printable(policy), "'");
+  check_no_aliasing(op,
+                    {{"keys", &keys}, {"values", &values}, {"scores", &scores},
+                     {"counts", &counts}, {"last", &last}, {"slot_pos", &slot_pos}},
+                    {});
   p.cache = make_cache(keys, values, scores, counts, last, slot_pos);
   p.budget = budget;
   p.sinks = sinks;
@@ -264,6 +319,11 @@ DecodeParams prepare_decode(const at::Tensor& query, const at::Tensor& keys,
   check_dtype(op, "query_pos", query_pos, at::kLong);
   check_device(op, keys, "keys", {{"query", &query}, {"query_pos", &query_pos}});
   check_int32(op, "Hq", Hq);
+  TORCH_CHECK(std::isfinite(static_cast<float>(scale)), op,
+              ": scale must be a finite float32 number, got scale=", scale);
+  check_no_aliasing(op, {{"scores", &scores}, {"counts", &counts}, {"last", &last}},
+                    {{"query", &query}, {"keys", &keys}, {"values", &values},
+                     {"slot_pos", &slot_pos}, {"query_pos", &query_pos}});
 
   DecodeParams p;
   p.reduce = parse_reduce_or_throw(op, group_reduce);

@@ -1,8 +1,9 @@
 // prepare.h: host-side validation and parameter packing shared by the CPU and CUDA wrappers.
 // Provides wkv::host::prepare_append / prepare_accumulate / prepare_compress / prepare_decode:
-// each validates ranks, shapes, dtypes, devices and scalar arguments (TORCH_CHECK messages name
-// the op, the argument and the bad value) and returns the torch-free params struct of
-// csrc/kernels/params.h (raw pointers + element strides of the tensors as given, no copies).
+// each validates ranks, shapes, dtypes, devices, scalar arguments and memory aliasing of the
+// tensors written in place (TORCH_CHECK messages name the op, the argument and the bad value)
+// and returns the torch-free params struct of csrc/kernels/params.h (raw pointers + element
+// strides of the tensors as given, no copies).
 // prepare_decode also allocates `out` ([B, Hq, D], dtype/device of query).
 #pragma once
 

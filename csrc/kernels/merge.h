@@ -1,7 +1,12 @@
 // merge.h: value merges of compress (all arithmetic in float32, rounded once to the K/V dtype).
 // Provides:
 //   merge_weights(avg_j, avg_r): the convex weights (w_j, w_r, denominator), equal weights
-//     (1/2, 1/2, 1) when w_j + w_r is not a positive finite number;
+//     (1/2, 1/2, 1) when w_j + w_r is not a positive finite number. Non-negative weights are
+//     first scaled by a power of two 2^k so that their sum lies in [1/2, 1): then
+//     |w_j v_j + w_r v_r| <= max(|v_j|, |v_r|) never overflows, and tiny weights (underflowing
+//     attention) do not underflow the products (0.3 merged with 0.3 at weights 1e-45 gives 0.3,
+//     not 0). Scaling by 2^k is exact and the formula rounds identically whenever no
+//     intermediate under/overflows, so only such broken cases change;
 //   merge_value(vj, vr, w): (w_j v_j + w_r v_r) / (w_j + w_r) for one element;
 //   weighted_merge_row<T>(vj, vr, D, stride): v_r <- merge over the D elements of one row;
 //   cam_probability(avg_j, mean_R): CaM's merge probability p in [0, 1];
@@ -18,10 +23,28 @@ namespace wkv {
 struct MergeWeights { float wj, wr, denom; };
 
 constexpr float kFloatMax = 3.402823466e+38f;
+constexpr float kMinNormal = 1.17549435e-38f;  // 2^-126
+
+// 2^(126 - e) for a positive normal float x with biased exponent e <= 252: x * it is in [1/2, 1).
+WKV_HOST_DEVICE inline float unit_scale(float x) {
+  return f32_from_bits((253u - ((f32_bits(x) >> 23) & 0xFFu)) << 23);
+}
 
 WKV_HOST_DEVICE inline MergeWeights merge_weights(float avg_j, float avg_r) {
-  const float s = wkv_add(avg_j, avg_r);
+  float s = wkv_add(avg_j, avg_r);
   if (!(s > 0.0f && s <= kFloatMax)) return MergeWeights{0.5f, 0.5f, 1.0f};  // 0, <0, inf, NaN
+  if (avg_j >= 0.0f && avg_r >= 0.0f && !(s >= 0.5f && s < 1.0f)) {
+    if (s < kMinNormal || s >= 18446744073709551616.0f) {  // outside [2^-126, 2^64): 2^(+-64)
+      const float g = s < kMinNormal ? 18446744073709551616.0f : 5.42101086242752217e-20f;
+      avg_j = wkv_mul(avg_j, g);
+      avg_r = wkv_mul(avg_r, g);
+      s = wkv_add(avg_j, avg_r);
+    }
+    const float f = unit_scale(s);
+    avg_j = wkv_mul(avg_j, f);
+    avg_r = wkv_mul(avg_r, f);
+    s = wkv_add(avg_j, avg_r);
+  }
   return MergeWeights{avg_j, avg_r, s};
 }
 

@@ -2,7 +2,8 @@
 
 A dataset is a named list of documents. A folder is one dataset (its ``*.txt`` files, sorted by
 name, are the documents); a single file is a one-document dataset named after the file; a domain
-``d`` is the folder ``<evaldata>/d``; the embedded default text is the dataset ``kjv``.
+``d`` is the folder ``<evaldata>/d``; the embedded default text (KJV Genesis) is the dataset
+``kjv_genesis``.
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def from_domain(domain: str) -> TextDataset:
 def default_dataset() -> TextDataset:
     from .. import data
 
-    return TextDataset("kjv", [("default_text", data.default_text())])
+    return TextDataset("kjv_genesis", [("default_text", data.default_text())])
 
 
 def resolve(paths: Sequence[str] = (), domains: Sequence[str] = ()) -> list[TextDataset]:

@@ -177,7 +177,8 @@ def markdown(data: dict) -> str:
                          f"{desc['targets']} predicted tokens.")
     secs = sum(c["seconds"] for c in data["cells"].values())
     fwd = sum(c["forwards"] for c in data["cells"].values())
+    lines.append("- Budget: KV tokens held per layer and KV head, 4 attention sinks and "
+                 "budget/2 - 4 recent tokens among them unless the budget column says otherwise.")
     lines.append(f"- {len(data['cells'])} cells, {fwd} token forwards in {secs:.0f} s of evaluation "
-                 f"({fwd / max(secs, 1e-9):.0f} token forwards/s); sinks and recent: recent = "
-                 f"budget/2 - sinks unless the budget column says otherwise.")
+                 f"({fwd / max(secs, 1e-9):.0f} token forwards/s).")
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Run the cells of an evaluation plan with a progress bar, saving each finished cell."""
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
@@ -52,8 +53,9 @@ def run(model, datasets: list[TokenDataset], cells: list[Cell], store: ResultSto
     todo = [c for c in cells if not store.has(c.key)]
     total = sum(token_forwards(plan_dataset(by_name[c.dataset].doc_tokens, c.context), batch)
                 for c in todo)
+    tty = sys.stderr.isatty()
     bar = tqdm(total=total, unit="tok", unit_scale=True, dynamic_ncols=True, disable=not progress,
-               smoothing=0.1)
+               smoothing=0.1, mininterval=0.5 if tty else 30)
     started = time.perf_counter()
     run_record.update(cells_run=0, seconds=0.0, interrupted=True)
     try:
