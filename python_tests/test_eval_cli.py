@@ -16,6 +16,15 @@ TEXT = ("It is a truth universally acknowledged, that a single man in possession
         "must be in want of a wife. ") * 4
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny ops: one thread is fastest, and much faster on a busy machine (no OpenMP barriers)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -153,3 +162,27 @@ def test_chunk_size_is_labelled_when_not_the_paper_setting(model_dir, data_dir, 
                                                   "--contexts", "32", "--budgets", "12", "--out", str(out)]
     assert cli.main(argv) == 0
     assert "chunk size 4 (NOT the paper setting" in (out / MD_NAME).read_text()
+
+
+def test_quick_preset_is_two_windows_at_context_512_and_options_override_it():
+    from weightedkv_ext.eval.protocol import plan_windows
+
+    args = cli.parse_args(["--quick"])
+    assert (args.contexts, args.budgets, args.docs, args.out) == ([512], [64, 128], 1, "outputs/quick")
+    assert args.policies == ["full", "streaming", "tova", "h2o", "cam", "evict", "weightedkv"]
+    assert len(plan_windows(args.max_tokens_per_doc, 512)) == 2
+    assert cli.parse_args(["--quick", "--budgets", "96"]).budgets == [96]
+
+
+def test_domains_read_the_shared_evaldata(model_dir, tmp_path):
+    from weightedkv_ext.eval.data import evaldata_dir
+
+    root = evaldata_dir()
+    if root is None or not (root / "web").is_dir():
+        pytest.skip("../shared/evaldata/web is absent (eval texts are not shipped with the project)")
+    out = tmp_path / "out"
+    assert cli.main(["--model", str(model_dir), "--domains", "web", "--docs", "1", "--max-tokens-per-doc",
+                     "40", "--contexts", "16", "--policies", "full", "--no-progress", "--out", str(out)]) == 0
+    web = json.loads((out / JSON_NAME).read_text())["config"]["datasets"]["web"]
+    assert web["docs"] == [sorted(p.name for p in (root / "web").glob("*.txt"))[0]]
+    assert web["doc_tokens"] == [40]

@@ -59,8 +59,9 @@ def shifted_views(args, i, j):
     return args
 
 
-def expanded(shape):
-    return torch.zeros(*shape[:-1], 1).expand(*shape)
+def expanded(shape, value=0.0):
+    """A tensor of `shape` whose elements all share one float (stride 0 everywhere)."""
+    return torch.tensor(value).expand(*shape)
 
 
 CASES = {
