@@ -268,7 +268,7 @@ CALLS = ["append", "append", "accumulate", "accumulate", "decode", "compress", "
          "invalid"]
 
 
-@fuzz_settings(1500)
+@fuzz_settings(2000)
 @given(data=st.data())
 def test_fuzz_call_sequences(data):
     f = Fuzz(data)
@@ -286,7 +286,7 @@ def test_fuzz_single_compress(data):
 
 
 @pytest.mark.long
-@fuzz_settings(20 * 1500)
+@fuzz_settings(20 * 2000)
 @given(data=st.data())
 def test_fuzz_call_sequences_long(data):
     f = Fuzz(data)

@@ -15,6 +15,7 @@ weightedkv_ext = pytest.importorskip("weightedkv_ext",
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from weightedkv_ext import WeightedKVCache  # noqa: E402
+from weightedkv_ext.attention import WeightedKVMask, weightedkv_attention_forward  # noqa: E402
 
 
 def tiny_llama(layers: int = 2, hidden: int = 32, heads: int = 4, kv_heads: int = 2,
@@ -80,7 +81,7 @@ def test_constructor_rejects(kwargs, match):
 
 @pytest.mark.xfail(strict=True, reason="reported: ints beyond int64 pass the constructor and fail "
                                        "later inside the first forward (after append ran)")
-@pytest.mark.parametrize("name", ["budget", "seed", "cam_window", "chunk_size", "sinks"])
+@pytest.mark.parametrize("name", ["budget", "seed", "cam_window", "chunk_size"])
 def test_constructor_rejects_ints_beyond_int64(name):
     kwargs = dict(budget=16, sinks=1, recent=1)
     kwargs[name] = 2 ** 64 + (16 if name == "budget" else 0)
@@ -88,7 +89,7 @@ def test_constructor_rejects_ints_beyond_int64(name):
         WeightedKVCache(**kwargs)
 
 
-# -- the cache used by the wrong model / batch -------------------------------------------------------
+# -- the cache used by the wrong model / batch -----------------------------------------------------
 
 @pytest.fixture(scope="module")
 def model():
@@ -103,7 +104,8 @@ def fed_cache(model, batch=1):
 
 
 @pytest.mark.parametrize("other, match", [
-    (dict(batch=2), r"layer 0 holds batch=1, kv_heads=2, head_dim=8, got key_states \(2, 2, 5, 8\)"),
+    (dict(batch=2), r"layer 0 holds batch=1, kv_heads=2, head_dim=8, got key_states "
+                    r"\(2, 2, 5, 8\)"),
     (dict(kv_heads=4), r"layer 0 holds batch=1, kv_heads=2, head_dim=8, got key_states "
                        r"\(1, 4, 5, 8\)"),
     (dict(head_dim=16), r"layer 0 holds batch=1, kv_heads=2, head_dim=8, got key_states "
@@ -154,3 +156,38 @@ def test_reset_allows_another_batch_and_model(model):
 def test_enable_rejects_a_non_model():
     with pytest.raises((TypeError, ValueError), match="enable"):
         weightedkv_ext.enable(None)
+
+
+# -- the attention function called with inconsistent tensors ----------------------------------------
+
+def attention_call(cache, q, k, v, real=None):
+    """What a model layer does: cache.update(), then the registered attention function."""
+    k, v = cache.update(k, v, 0)
+    mask = None if real is None else WeightedKVMask(real, None)
+    return weightedkv_attention_forward(None, q, k, v, mask, scaling=0.3)[0]
+
+
+@pytest.mark.xfail(strict=True, reason="reported: the attention function appends (and advances "
+                                       "row_seen) before the query/mask shapes are checked, so a "
+                                       "bad call leaves the cache over budget or mis-counted, with "
+                                       "a reshape/matmul error that does not name the argument")
+@pytest.mark.parametrize("bad", ["query heads", "query head_dim", "query length", "mask shape"])
+def test_attention_rejects_inconsistent_inputs_before_touching_the_cache(bad):
+    cache = WeightedKVCache(8, sinks=1, recent=2, chunk_size=3)
+    g = torch.Generator().manual_seed(0)
+    kv = [torch.randn(2, 2, 5, 8, generator=g) for _ in range(2)]
+    attention_call(cache, torch.randn(2, 4, 5, 8, generator=g), *kv)
+    before, seq = snapshot(cache), cache.get_seq_length()
+    q, real = torch.randn(2, 4, 5, 8, generator=g), None
+    if bad == "query heads":
+        q = torch.randn(2, 3, 5, 8)
+    elif bad == "query head_dim":
+        q = torch.randn(2, 4, 5, 4)
+    elif bad == "query length":
+        q = torch.randn(2, 4, 4, 8)
+    else:
+        real = torch.ones(2, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="weightedkv attention: "):
+        attention_call(cache, q, *kv, real)
+    assert_same(snapshot(cache), before)
+    assert cache.get_seq_length() == seq

@@ -169,7 +169,8 @@ CASES = {
         "append", lambda: replaced(append_args(), NEW_KEYS, lambda a: torch.zeros(B + 1, H, T, D)),
         r"append: new_keys must have shape \[B, H, T, D\]"),
     "append: new_values other T": (
-        "append", lambda: replaced(append_args(), NEW_VALUES, lambda a: torch.zeros(B, H, T + 1, D)),
+        "append", lambda: replaced(append_args(), NEW_VALUES,
+                                   lambda a: torch.zeros(B, H, T + 1, D)),
         r"append: new_values must have shape \[B, H, T, D\]"),
     "append: keys float64": (
         "append", lambda: replaced(append_args(), KEYS, lambda a: a[KEYS].double()),
@@ -184,7 +185,8 @@ CASES = {
         "accumulate", lambda: replaced(accumulate_args(), 0, lambda a: a[0].double()),
         r"accumulate: probs must have dtype float32, float16 or bfloat16, got Double"),
     "accumulate: probs other batch": (
-        "accumulate", lambda: replaced(accumulate_args(), 0, lambda a: torch.rand(B + 1, 2 * H, Q, C)),
+        "accumulate", lambda: replaced(accumulate_args(), 0,
+                                       lambda a: torch.rand(B + 1, 2 * H, Q, C)),
         r"accumulate: probs must have shape \[B, Hq, Q, C\] with B = 2"),
     "accumulate: zero query heads": (
         "accumulate", lambda: replaced(accumulate_args(), 0, lambda a: torch.rand(B, 0, Q, C)),
@@ -199,7 +201,8 @@ CASES = {
         "decode_attention", lambda: replaced(decode_args(), 4, lambda a: a[4][:, None]),
         r"decode_attention: query_pos must be a 1-D tensor"),
     "decode: values other head_dim": (
-        "decode_attention", lambda: replaced(decode_args(), 2, lambda a: torch.zeros(B, H, C, D + 1)),
+        "decode_attention", lambda: replaced(decode_args(), 2,
+                                             lambda a: torch.zeros(B, H, C, D + 1)),
         r"decode_attention: values must have shape \[B, H, C, D\]"),
     "decode: slot_pos float": (
         "decode_attention", lambda: replaced(decode_args(), 3, lambda a: a[3].float()),

