@@ -66,8 +66,7 @@ def test_identical_statistics_behave_like_streaming(dtype, value):
     for policy in KEYED:
         got = run_compress(ops(), st, 7, 2, 3, policy)
         assert torch.equal(got.slot_pos, streaming.slot_pos), policy
-        if value != 2.0 ** -149:  # the reference's plain formula underflows there (see below)
-            assert_states_equal(got, run_compress(ref, st, 7, 2, 3, policy))
+        assert_states_equal(got, run_compress(ref, st, 7, 2, 3, policy))
     assert torch.equal(half.values, half_ref.values)
 
 
@@ -113,12 +112,14 @@ TINY_WEIGHTS = [(1e-45, 1e-45), (1e-45, 3e-45), (2e-45, 1e-40), (1e-40, 1e-38), 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_tiny_and_huge_merge_weights_give_the_exact_weighted_mean(dtype):
     """Subnormal or huge (but finite-sum) averages: the merge is the weighted mean (to the K/V
-    dtype's rounding), not the underflowed plain formula (which merges 0.3 and 0.3 into 0)."""
+    dtype's rounding), not the underflowed plain formula (which merges 0.3 and 0.3 into 0), and
+    the reference's power-of-two weight scaling gives the kernels' result bit for bit."""
     g = torch.Generator().manual_seed(3)
     values = torch.randn(len(TINY_WEIGHTS), 3, 24, generator=g)
     values[0, :2] = 0.3  # the same value twice: the merge must give it back
     st = merge_case(dtype, TINY_WEIGHTS, values)
     got = run_compress(ops(), st, 2, 0, 1, "weightedkv")
+    assert_states_equal(got, run_compress(ref, st, 2, 0, 1, "weightedkv"))
     assert (got.slot_pos[:, 0, 0] == -1).all() and (got.slot_pos[:, 0, 1] == 1).all()
     merged = got.values[:, 0, 1]
     want = expected_merge(st, TINY_WEIGHTS)
@@ -158,8 +159,28 @@ def test_merge_of_values_at_the_top_of_the_range_stays_finite(dtype):
     lo = torch.minimum(st.values[:, 0, 0], st.values[:, 0, 1])
     hi = torch.maximum(st.values[:, 0, 0], st.values[:, 0, 1])
     assert ((merged >= lo) & (merged <= hi)).all()
-    if dtype == torch.float16:  # float32 has room: here the plain formula is exact as well
-        assert_states_equal(got, run_compress(ref, st, 2, 0, 1, "weightedkv"))
+    assert_states_equal(got, run_compress(ref, st, 2, 0, 1, "weightedkv"))
+
+
+# Weights at the edges of the scaling rule (docs/design.md, compress step 3): a negligible weight
+# next to a huge one (double scaling of a subnormal), sums just around 2^-126, 1/2, 1 and 2^64,
+# zero and negative-zero weights, negative weights (used unscaled), a sum overflowing to inf.
+EDGE_WEIGHTS = [(1e-40, 1e30), (1.7 * 2.0 ** -100, 3e20), (2.0 ** -149, 3e38), (0.0, 2.0 ** 64),
+                (1.0, 2.0 ** 64 - 2.0 ** 40), (2.0 ** -127, 2.0 ** -127), (2.0 ** -127, 2.0 ** -126),
+                (0.25, 0.25), (0.2499999, 0.25), (0.5, 0.5), (-0.0, 1e-45), (-0.0, 0.0),
+                (-1.0, 3.0), (-3.0, 1.0), (-1e-45, 1e-45), (2e38, 3e38), (1e-30, 1.5)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_merge_weights_at_the_edges_of_the_scaling_rule_match_the_reference(dtype):
+    g = torch.Generator().manual_seed(13)
+    values = torch.randn(len(EDGE_WEIGHTS), 3, 16, generator=g) * 1e3
+    values[:4, 0] = TOP[dtype]  # a negligible weight times a huge value
+    values[:4, 1] = 0.0
+    st = merge_case(dtype, EDGE_WEIGHTS, values)
+    got = run_compress(ops(), st, 2, 0, 1, "weightedkv")
+    assert (got.slot_pos[:, 0, 0] == -1).all() and (got.slot_pos[:, 0, 1] == 1).all()
+    assert_states_equal(got, run_compress(ref, st, 2, 0, 1, "weightedkv"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

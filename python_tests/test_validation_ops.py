@@ -236,6 +236,36 @@ def test_invalid_call_raises_and_changes_nothing(case):
             assert torch.equal(a, b)
 
 
+MIXED_DEVICE = {  # op, its args, the index of the tensor moved to the meta device, its name
+    "append new_values": ("append", append_args, NEW_VALUES, "new_values"),
+    "append keys": ("append", append_args, KEYS, "keys"),
+    "accumulate probs": ("accumulate", accumulate_args, 0, "probs"),
+    "accumulate last": ("accumulate", accumulate_args, 5, "last"),
+    "compress values": ("compress", compress_args, VALUES, "values"),
+    "compress slot_pos": ("compress", compress_args, SLOT_POS, "slot_pos"),
+    "decode_attention query_pos": ("decode_attention", decode_args, 4, "query_pos"),
+    "decode_attention counts": ("decode_attention", decode_args, 6, "counts"),
+}
+
+
+@pytest.mark.parametrize("case", list(MIXED_DEVICE))
+def test_meta_and_cpu_tensors_mixed_are_rejected(case):
+    """A meta tensor among CPU ones dispatches to the fake kernel (ops.py), which must reject the
+    mix like the real kernels instead of silently doing nothing."""
+    ops = compiled_ops()
+    name, make, i, arg = MIXED_DEVICE[case]
+    args = make()
+    args[i] = args[i].to("meta")
+    before = [a.clone() if isinstance(a, torch.Tensor) and a.device.type == "cpu" else None
+              for a in args]
+    with pytest.raises(RuntimeError, match=rf"{name}: all tensors must be on one device, but "
+                                           rf".*\b{arg} is on meta"):
+        getattr(ops, name)(*args)
+    for a, b in zip(args, before):
+        if b is not None:
+            assert torch.equal(a, b)
+
+
 def test_interleaved_keys_and_values_are_accepted():
     """Distinct non-overlapping views of one buffer (K and V interleaved) are valid."""
     ops = compiled_ops()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.modeling_utils import AttentionInterface
+from transformers.modeling_utils import AttentionInterface, PreTrainedModel
 
 NAME = "weightedkv"
 
@@ -154,6 +154,42 @@ def _chunk(layer, query, key, value, qpos, scaling):
     return out
 
 
+def _check_inputs(layer, query, key, value, attention_mask) -> None:
+    """Shapes, dtypes and the mask, checked before anything is written (append, row_seen)."""
+    B, H, _, D = layer.keys.shape
+    T = key.shape[2]
+    if attention_mask is not None and not isinstance(attention_mask, WeightedKVMask):
+        raise ValueError(
+            "weightedkv attention: expected the 2-D padding attention_mask (turned into a "
+            "WeightedKVMask by transformers), got a prepared mask of type "
+            f"{type(attention_mask).__name__} and shape "
+            f"{tuple(getattr(attention_mask, 'shape', ()))}; pass a 2-D attention_mask")
+    shape = tuple(query.shape)
+    if query.dim() != 4 or shape[0] != B:
+        raise ValueError(f"weightedkv attention: query must be [batch={B}, heads, {T} new tokens, "
+                         f"head_dim={D}], got query {shape}")
+    if shape[1] == 0 or shape[1] % H != 0:
+        raise ValueError(f"weightedkv attention: the number of query heads must be a positive "
+                         f"multiple of the {H} KV heads of layer {layer.layer_idx}, got query "
+                         f"{shape}")
+    if shape[3] != D:
+        raise ValueError(f"weightedkv attention: query head_dim must be {D} (the keys'), got "
+                         f"query {shape}")
+    if shape[2] != T:
+        raise ValueError(f"weightedkv attention: query must have {T} tokens (as many as the new "
+                         f"keys), got query {shape}")
+    if tuple(value.shape) != tuple(key.shape):
+        raise ValueError(f"weightedkv attention: value must have the keys' shape "
+                         f"{tuple(key.shape)}, got value {tuple(value.shape)}")
+    if query.dtype != layer.keys.dtype or query.device != layer.keys.device:
+        raise ValueError(f"weightedkv attention: query must be {layer.keys.dtype} on "
+                         f"{layer.keys.device} like the keys, got {query.dtype} on {query.device}")
+    real = attention_mask.real if attention_mask is not None else None
+    if real is not None and tuple(real.shape) != (B, T):
+        raise ValueError(f"weightedkv attention: padding mask has shape {tuple(real.shape)}, "
+                         f"expected [{B}, {T}]")
+
+
 def weightedkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                                  value: torch.Tensor, attention_mask, dropout: float = 0.0,
                                  scaling: float | None = None, **kwargs):
@@ -174,20 +210,16 @@ def weightedkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, k
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     layer.pending = False
-    if attention_mask is not None and not isinstance(attention_mask, WeightedKVMask):
-        raise ValueError(
-            "weightedkv attention: expected the 2-D padding attention_mask (turned into a "
-            "WeightedKVMask by transformers), got a prepared mask of type "
-            f"{type(attention_mask).__name__} and shape "
-            f"{tuple(getattr(attention_mask, 'shape', ()))}; pass a 2-D attention_mask")
+    try:
+        _check_inputs(layer, query, key, value, attention_mask)
+    except ValueError:
+        layer.seen -= key.shape[2]  # undo update(): the cache is as before the call
+        raise
     cache = layer.cache
     B, Hq, T, D = query.shape
     if scaling is None:
         scaling = D ** -0.5
     real = attention_mask.real if attention_mask is not None else None
-    if real is not None and tuple(real.shape) != (B, T):
-        raise ValueError(f"weightedkv attention: padding mask has shape {tuple(real.shape)}, "
-                         f"expected [{B}, {T}]")
     pos = _positions(layer, real, B, T, query.device)
     S = cache.chunk_size
     if real is None:  # no padding: chunks are plain column slices
@@ -207,6 +239,10 @@ def weightedkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, k
 
 def enable(model):
     """Switch a loaded transformers model to the ``weightedkv`` attention; returns the model."""
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"enable: model must be a transformers PreTrainedModel (e.g. "
+                        f"LlamaForCausalLM), got model={model!r:.100} of type "
+                        f"{type(model).__name__}")
     model.set_attn_implementation(NAME)
     if getattr(model.config, "_attn_implementation", None) != NAME:
         raise ValueError(

@@ -31,9 +31,14 @@ def _fail(what: str, msg: str):
     raise ValueError(f"WeightedKVCache: {what} {msg}")
 
 
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1  # the ops take int64 arguments
+
+
 def _check_int(name: str, value, minimum: int):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         _fail(name, f"must be an int >= {minimum}, got {name}={value!r}")
+    if value > INT64_MAX:
+        _fail(name, f"must be an int <= 2**63 - 1 (int64), got {name}={value!r}")
 
 
 class WeightedKVLayer(CacheLayerMixin):
@@ -201,7 +206,11 @@ class WeightedKVCache(Cache):
         chunk_size: new tokens are processed (append -> attention -> compress) in chunks of this
             size, so a long prefill never materialises more than ``chunk_size x slots`` scores and
             the cache holds at most ``budget + chunk_size`` slots.
-        cam_window, seed: CaM's merge window and the seed of its random draw.
+        cam_window, seed: CaM's merge window and the seed of its random draw. CaM's draw
+            depends on the batch row index (``uniform(seed, b, h, pos)``, docs/design.md), so for
+            ``policy="cam"`` a row of a padded batch equals its solo run only when it has the same
+            row index there (e.g. row 0 of the batch vs. the sequence alone); for every other
+            policy each row of a padded batch equals its solo run exactly.
         group_reduce: how the G query heads of a KV head are combined into one score
             (``mean``, ``sum`` or ``max``).
         backend: ``"ops"`` (compiled kernels, default) or ``"reference"`` (pure PyTorch, slow).
@@ -222,6 +231,8 @@ class WeightedKVCache(Cache):
         _check_int("sinks", sinks, 0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             _fail("seed", f"must be an int, got seed={seed!r}")
+        if not INT64_MIN <= seed <= INT64_MAX:
+            _fail("seed", f"must be an int in [-2**63, 2**63 - 1] (int64), got seed={seed!r}")
         if policy == "full" and budget is None:
             recent = 0 if recent is None else recent
             _check_int("recent", recent, 0)
@@ -264,11 +275,28 @@ class WeightedKVCache(Cache):
                 f"WeightedKVCache: the new keys/values of layer {last.layer_idx} were never "
                 f"consumed by the 'weightedkv' attention function (the model uses another "
                 f"attention implementation); {_ENABLE_HINT}.")
+        self._check_layer_count(layer_idx, key_states)
         while len(self.layers) <= layer_idx:
             self.layers.append(WeightedKVLayer(self, len(self.layers)))
         layer = self.layers[layer_idx]
         self._last_updated = layer
         return layer.update(key_states, value_states)
+
+    def _check_layer_count(self, layer_idx: int, key_states: torch.Tensor) -> None:
+        """Every forward updates layers 0, 1, ... with the same new tokens, so after its update
+        layer ``layer_idx`` must have seen as many columns as layer 0 (updated first). A model with
+        another number of layers breaks this: a new layer appears after layer 0 saw tokens, or a
+        layer the other model did not have falls behind."""
+        if layer_idx == 0 or not self.layers:
+            return
+        have = self.layers[layer_idx].seen if layer_idx < len(self.layers) else 0
+        new = key_states.shape[2] if key_states.dim() == 4 else 0
+        if have + new != self.layers[0].seen:
+            raise ValueError(
+                f"WeightedKVCache: layer {layer_idx} would have seen {have + new} tokens after this "
+                f"update, but layer 0 has seen {self.layers[0].seen}: the cache was used by a model "
+                f"with another number of layers (it holds {len(self.layers)}); call cache.reset() "
+                f"before reusing it with another model")
 
     def reset(self):
         super().reset()

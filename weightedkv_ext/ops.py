@@ -67,26 +67,44 @@ def decode_attention(query: Tensor, keys: Tensor, values: Tensor, slot_pos: Tens
 
 
 # ---- fake (meta) kernels, for torch.compile / FakeTensor tracing -----------------------------
+# A call mixing meta and CPU tensors dispatches here (Meta outranks CPU), so the device check of
+# the real kernels is repeated: every tensor argument on one device, else the kernels' error.
+
+def _one_device(op: str, **tensors: Tensor) -> None:
+    (first, ref), *rest = tensors.items()
+    for name, t in rest:
+        torch._check(t.device == ref.device,
+                     lambda: f"{op}: all tensors must be on one device, but {first} is on "
+                             f"{ref.device} and {name} is on {t.device}")
+
 
 @torch.library.register_fake("weightedkv::append")
 def _append_fake(keys, values, scores, counts, last, slot_pos, new_keys, new_values, new_pos):
+    _one_device("append", keys=keys, values=values, scores=scores, counts=counts, last=last,
+                slot_pos=slot_pos, new_keys=new_keys, new_values=new_values, new_pos=new_pos)
     return None
 
 
 @torch.library.register_fake("weightedkv::accumulate")
 def _accumulate_fake(probs, slot_pos, query_pos, scores, counts, last, group_reduce="mean"):
+    _one_device("accumulate", probs=probs, slot_pos=slot_pos, query_pos=query_pos,
+                scores=scores, counts=counts, last=last)
     return None
 
 
 @torch.library.register_fake("weightedkv::compress")
 def _compress_fake(keys, values, scores, counts, last, slot_pos, budget, sinks, recent, policy,
                    cam_window=16, seed=0):
+    _one_device("compress", keys=keys, values=values, scores=scores, counts=counts, last=last,
+                slot_pos=slot_pos)
     return None
 
 
 @torch.library.register_fake("weightedkv::decode_attention")
 def _decode_attention_fake(query, keys, values, slot_pos, query_pos, scores, counts, last, scale,
                            group_reduce="mean"):
+    _one_device("decode_attention", keys=keys, query=query, values=values, slot_pos=slot_pos,
+                query_pos=query_pos, scores=scores, counts=counts, last=last)
     torch._check(query.dim() == 3, lambda: "decode_attention: query must be [B, Hq, D]")
     return query.new_empty(query.shape)
 

@@ -22,7 +22,9 @@ one layer, and where each step lives here (``_compress_one``):
    the oldest token (the contract's deterministic tie-break);
 5. discard ``k_j`` and merge ``v_j`` into its right neighbour ``r``:
    ``v_r <- (avg_j v_j + avg_r v_r) / (avg_j + avg_r)``, ``r`` keeping its key and statistics:
-   ``_merge_weightedkv`` (float32, one rounding), then ``_drop`` frees j's slot.
+   ``_merge_weightedkv`` (float32, one rounding; the weights first scaled by powers of two so
+   that tiny or huge averages neither underflow nor overflow: ``_merge_weights``), then ``_drop``
+   frees j's slot.
 
 Fig. 3 of the paper is the toy run of this loop with budget 4, no sinks, no recent window: tokens
 v1..v8 arrive one per step and from step 5 on each step removes the lowest-average token, e.g. at
@@ -36,6 +38,7 @@ the next ``cam_window`` values).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -296,16 +299,34 @@ def _store(dst: Tensor, x: Tensor) -> None:
     dst.copy_(x.to(dst.dtype))  # the single rounding to the K/V dtype
 
 
+def _f32(x: float) -> Tensor:
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def _merge_weights(wj: Tensor, wr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The weights (w_j, w_r) and their sum s of a WeightedKV merge (docs/design.md, compress
+    step 3), float32 scalars: equal weights 1/2 (s = 1) unless s = w_j + w_r is a positive finite
+    float32; non-negative weights scaled by powers of two until s lies in [1/2, 1)."""
+    s = wj + wr
+    if not (math.isfinite(float(s)) and float(s) > 0):  # 0, negative, inf, NaN
+        return _f32(0.5), _f32(0.5), _f32(1.0)
+    if float(wj) >= 0 and float(wr) >= 0:
+        if float(s) < 2.0 ** -126 or float(s) >= 2.0 ** 64:  # first 2^64 / 2^-64
+            g = _f32(2.0 ** 64 if float(s) < 2.0 ** -126 else 2.0 ** -64)
+            wj, wr = wj * g, wr * g
+            s = wj + wr
+        _, e = math.frexp(float(s))  # s = m 2^e, m in [1/2, 1): 2^-e puts s there
+        f = _f32(2.0 ** -e)
+        wj, wr = wj * f, wr * f
+        s = wj + wr
+    return wj, wr, s
+
+
 def _merge_weightedkv(values_bh: Tensor, avg: Tensor, j: int, r: int) -> None:
-    """v_r <- (w_j v_j + w_r v_r) / (w_j + w_r), float32; equal weights if the sum is not > 0."""
+    """v_r <- (w_j v_j + w_r v_r) / s with the weights of ``_merge_weights``, float32."""
     vj, vr = values_bh[j].float(), values_bh[r].float()
-    wj, wr = avg[j], avg[r]
-    total = wj + wr
-    if bool(torch.isfinite(total)) and bool(total > 0):
-        merged = (wj * vj + wr * vr) / total
-    else:
-        merged = 0.5 * vj + 0.5 * vr
-    _store(values_bh[r], merged)
+    wj, wr, s = _merge_weights(avg[j].float(), avg[r].float())
+    _store(values_bh[r], (wj * vj + wr * vr) / s)
 
 
 def _cam_probability(avg: Tensor, j: int, window: list[int]) -> float:

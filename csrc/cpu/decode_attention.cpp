@@ -27,17 +27,15 @@ namespace wkv::cpu {
 namespace {
 
 // 8 float lanes as a GCC vector: element-wise IEEE operations (no contraction: -ffp-contract=off),
-// lowered to two SSE registers by default and to one AVX2 register in the AVX2 build.
+// lowered to two SSE registers by default and to one AVX2 register in the AVX2 build. Helpers take
+// and give v8f by reference, never by value: a 32-byte vector passed or returned by value has a
+// different ABI with and without AVX (-Wpsabi), although everything here is inlined.
 typedef float v8f __attribute__((vector_size(32)));
 
-WKV_CPU_INLINE v8f load8(const float* p) {
-  v8f v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-WKV_CPU_INLINE void store8(float* p, v8f v) { __builtin_memcpy(p, &v, sizeof(v)); }
+WKV_CPU_INLINE void load8(v8f& v, const float* p) { __builtin_memcpy(&v, p, sizeof(v)); }
+WKV_CPU_INLINE void store8(float* p, const v8f& v) { __builtin_memcpy(p, &v, sizeof(v)); }
 
-WKV_CPU_INLINE float combine8(v8f s) {
+WKV_CPU_INLINE float combine8(const v8f& s) {
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
@@ -53,9 +51,10 @@ WKV_CPU_INLINE void dots(const float* q, const float* const* k, int64_t D, float
   int64_t d = 0;
   for (; d + 8 <= D; d += 8) {
     v8f kv[NK];
-    for (int j = 0; j < NK; ++j) kv[j] = load8(k[j] + d);
+    for (int j = 0; j < NK; ++j) load8(kv[j], k[j] + d);
     for (int g = 0; g < NG; ++g) {
-      const v8f qv = load8(q + g * D + d);
+      v8f qv;
+      load8(qv, q + g * D + d);
       for (int j = 0; j < NK; ++j) s[g][j] += qv * kv[j];
     }
   }
@@ -98,8 +97,12 @@ template <int NK>
 WKV_CPU_INLINE void axpy_rows(float* acc, const float* const* v, const float* w, int64_t D) {
   int64_t d = 0;
   for (; d + 8 <= D; d += 8) {
-    v8f a = load8(acc + d);
-    for (int j = 0; j < NK; ++j) a = a + w[j] * load8(v[j] + d);
+    v8f a, x;
+    load8(a, acc + d);
+    for (int j = 0; j < NK; ++j) {
+      load8(x, v[j] + d);
+      a = a + w[j] * x;
+    }
     store8(acc + d, a);
   }
   for (; d < D; ++d) {
