@@ -1,8 +1,8 @@
 """Build of weightedkv_ext and its compiled ops library weightedkv_ext._C.
 
-CPU-only (CppExtension over csrc/torch_bindings.cpp + csrc/cpu/*.cpp) unless CUDA is wanted and
-possible: torch built with CUDA (torch.version.cuda), a toolkit found (CUDA_HOME / nvcc) and
-USE_CUDA != 0 (no GPU needed); FORCE_CUDA=1 turns "cannot build CUDA" into an error.
+CPU-only (CppExtension over csrc/torch_bindings.cpp + csrc/host/*.cpp + csrc/cpu/*.cpp) unless
+CUDA is wanted and possible: torch built with CUDA (torch.version.cuda), a toolkit found (CUDA_HOME /
+nvcc) and USE_CUDA != 0 (no GPU needed); FORCE_CUDA=1 turns "cannot build CUDA" into an error.
 TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0".
 
     pip install --no-build-isolation -e .      (or: bash scripts/build.sh, CPU-only)
@@ -64,7 +64,7 @@ def _extension():
     cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-DWKV_PYTHON_MODULE"]
     if torch.backends.openmp.is_available():
         cxx.append("-fopenmp")
-    sources = _rel("csrc/torch_bindings.cpp") + _rel("csrc/cpu/*.cpp")
+    sources = _rel("csrc/torch_bindings.cpp") + _rel("csrc/host/*.cpp") + _rel("csrc/cpu/*.cpp")
     use_cuda, why = _want_cuda()
     if not use_cuda:
         print(f"weightedkv_ext: building CPU-only ({why})", flush=True)

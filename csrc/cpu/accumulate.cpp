@@ -7,15 +7,15 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
-#include <string>
 #include <vector>
 
 #include "../dispatch.h"
+#include "../host/elem_type.h"
+#include "../host/prepare.h"
 #include "../kernels/convert.h"
 #include "../kernels/policy.h"
 #include "cpu_common.h"
 #include "isa.h"
-#include "prepare.h"
 
 namespace wkv::cpu {
 namespace {
@@ -95,15 +95,15 @@ void accumulate_cpu(const at::Tensor& probs, const at::Tensor& slot_pos,
                     const at::Tensor& counts, const at::Tensor& last,
                     c10::string_view group_reduce) {
   const AccumulateParams p = host::prepare_accumulate(probs, slot_pos, query_pos, scores, counts,
-                                                      last, std::string(group_reduce));
+                                                      last, group_reduce);
   const int64_t rows = int64_t(p.B) * p.H;
   if (rows == 0 || p.C == 0) return;
   WKV_DISPATCH_FLOAT_TYPES(probs.scalar_type(), "accumulate", [&] {
     at::parallel_for(0, rows, grain(int64_t(p.Q) * p.G * p.C), [&](int64_t begin, int64_t end) {
       if (cpu_has_avx2())
-        accumulate_rows_avx2<elem_t<scalar_t>>(p, begin, end);
+        accumulate_rows_avx2<host::elem_t<scalar_t>>(p, begin, end);
       else
-        accumulate_rows<elem_t<scalar_t>>(p, begin, end);
+        accumulate_rows<host::elem_t<scalar_t>>(p, begin, end);
     });
   });
 }

@@ -6,9 +6,10 @@
 #include <vector>
 
 #include "../dispatch.h"
+#include "../host/elem_type.h"
+#include "../host/prepare.h"
 #include "../kernels/append.h"
 #include "cpu_common.h"
-#include "prepare.h"
 
 namespace wkv::cpu {
 namespace {
@@ -33,7 +34,7 @@ void append_cpu(const at::Tensor& keys, const at::Tensor& values, const at::Tens
                 " new tokens but only ", free_slots[r], " free slots (capacity C=", p.cache.C,
                 ")");
   WKV_DISPATCH_FLOAT_TYPES(keys.scalar_type(), "append", [&] {
-    using T = elem_t<scalar_t>;
+    using T = host::elem_t<scalar_t>;
     at::parallel_for(0, rows, grain(p.cache.C + int64_t(p.T) * p.cache.D),
                      [&](int64_t begin, int64_t end) {
                        for (int64_t r = begin; r < end; ++r)

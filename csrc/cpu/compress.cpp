@@ -17,14 +17,14 @@
 
 #include <algorithm>
 #include <limits>
-#include <string>
 #include <vector>
 
 #include "../dispatch.h"
+#include "../host/elem_type.h"
+#include "../host/prepare.h"
 #include "../kernels/merge.h"
 #include "../kernels/policy.h"
 #include "cpu_common.h"
-#include "prepare.h"
 
 namespace wkv::cpu {
 namespace {
@@ -316,12 +316,11 @@ void compress_cpu(const at::Tensor& keys, const at::Tensor& values, const at::Te
                   int64_t budget, int64_t sinks, int64_t recent, c10::string_view policy,
                   int64_t cam_window, int64_t seed) {
   const CompressParams p = host::prepare_compress(keys, values, scores, counts, last, slot_pos,
-                                                  budget, sinks, recent, std::string(policy),
-                                                  cam_window, seed);
+                                                  budget, sinks, recent, policy, cam_window, seed);
   const int64_t rows = int64_t(p.cache.B) * p.cache.H;
   if (rows == 0 || p.cache.C == 0) return;
   WKV_DISPATCH_FLOAT_TYPES(keys.scalar_type(), "compress", [&] {
-    using T = elem_t<scalar_t>;
+    using T = host::elem_t<scalar_t>;
     at::parallel_for(0, rows, grain(4 * int64_t(p.cache.C)), [&](int64_t begin, int64_t end) {
       thread_local Scratch scratch;
       scratch.reserve(p.cache.C);

@@ -12,16 +12,16 @@
 
 #include <algorithm>
 #include <cmath>
-#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "../dispatch.h"
+#include "../host/elem_type.h"
+#include "../host/prepare.h"
 #include "../kernels/convert.h"
 #include "../kernels/policy.h"
 #include "cpu_common.h"
 #include "isa.h"
-#include "prepare.h"
 
 namespace wkv::cpu {
 namespace {
@@ -258,11 +258,11 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& keys,
   at::Tensor out;
   const DecodeParams p =
       host::prepare_decode(query, keys, values, slot_pos, query_pos, scores, counts, last, scale,
-                           std::string(group_reduce), &out);
+                           group_reduce, &out);
   const int64_t rows = int64_t(p.B) * p.H;
   if (rows == 0) return out;
   WKV_DISPATCH_FLOAT_TYPES(query.scalar_type(), "decode_attention", [&] {
-    using T = elem_t<scalar_t>;
+    using T = host::elem_t<scalar_t>;
     at::parallel_for(0, rows, grain(int64_t(p.G) * p.C * p.D), [&](int64_t begin, int64_t end) {
       if (cpu_has_avx2())
         decode_rows_avx2<T>(p, begin, end);

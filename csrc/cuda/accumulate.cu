@@ -10,10 +10,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <string>
 
-#include "../cpu/cpu_common.h"
-#include "../cpu/prepare.h"
+#include "../host/elem_type.h"
+#include "../host/prepare.h"
 #include "../dispatch.h"
 #include "../kernels/convert.h"
 #include "../kernels/params.h"
@@ -64,7 +63,7 @@ void accumulate_cuda(const at::Tensor& probs, const at::Tensor& slot_pos,
                      const at::Tensor& counts, const at::Tensor& last,
                      c10::string_view group_reduce) {
   const AccumulateParams p = host::prepare_accumulate(probs, slot_pos, query_pos, scores, counts,
-                                                      last, std::string(group_reduce));
+                                                      last, group_reduce);
   const int64_t n = int64_t(p.B) * p.H * p.C;
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(probs.device());
@@ -72,7 +71,7 @@ void accumulate_cuda(const at::Tensor& probs, const at::Tensor& slot_pos,
   const int64_t blocks = (n + kThreads - 1) / kThreads;
   TORCH_CHECK(blocks <= INT32_MAX, "accumulate: too many slots for one launch: B*H*C=", n);
   WKV_DISPATCH_FLOAT_TYPES(probs.scalar_type(), "accumulate", [&] {
-    accumulate_kernel<cpu::elem_t<scalar_t>><<<blocks, kThreads, 0, stream>>>(p);
+    accumulate_kernel<host::elem_t<scalar_t>><<<blocks, kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -16,8 +16,8 @@
 
 #include <climits>
 
-#include "../cpu/cpu_common.h"
-#include "../cpu/prepare.h"
+#include "../host/elem_type.h"
+#include "../host/prepare.h"
 #include "../dispatch.h"
 #include "../kernels/params.h"
 #include "cuda_launch.h"
@@ -112,7 +112,7 @@ void append_cuda(const at::Tensor& keys, const at::Tensor& values, const at::Ten
   const c10::cuda::CUDAGuard guard(keys.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   WKV_DISPATCH_FLOAT_TYPES(keys.scalar_type(), "append", [&] {
-    using T = cpu::elem_t<scalar_t>;
+    using T = host::elem_t<scalar_t>;
     if (sync_checks()) {
       at::Tensor bad = at::full({1}, INT_MAX, slot_pos.options().dtype(at::kInt));
       append_kernel<T><<<rows, kThreads, 0, stream>>>(p, bad.data_ptr<int>());

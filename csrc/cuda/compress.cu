@@ -23,10 +23,9 @@
 #include <torch/library.h>
 
 #include <climits>
-#include <string>
 
-#include "../cpu/cpu_common.h"
-#include "../cpu/prepare.h"
+#include "../host/elem_type.h"
+#include "../host/prepare.h"
 #include "../dispatch.h"
 #include "../kernels/merge.h"
 #include "../kernels/params.h"
@@ -325,8 +324,7 @@ void compress_cuda(const at::Tensor& keys, const at::Tensor& values, const at::T
                    int64_t budget, int64_t sinks, int64_t recent, c10::string_view policy,
                    int64_t cam_window, int64_t seed) {
   const CompressParams p = host::prepare_compress(keys, values, scores, counts, last, slot_pos,
-                                                  budget, sinks, recent, std::string(policy),
-                                                  cam_window, seed);
+                                                  budget, sinks, recent, policy, cam_window, seed);
   const int64_t rows = int64_t(p.cache.B) * p.cache.H;
   if (rows == 0 || p.cache.C == 0) return;
   TORCH_CHECK(rows <= INT32_MAX, "compress: too many (batch, head) rows: B*H=", rows);
@@ -335,7 +333,7 @@ void compress_cuda(const at::Tensor& keys, const at::Tensor& values, const at::T
   const int threads = p.cache.C <= 512 ? 128 : kMaxThreads;
   const size_t bytes = row_bytes(p.cache.C);
   WKV_DISPATCH_FLOAT_TYPES(keys.scalar_type(), "compress", [&] {
-    const auto kernel = compress_kernel<cpu::elem_t<scalar_t>>;
+    const auto kernel = compress_kernel<host::elem_t<scalar_t>>;
     at::Tensor workspace;
     unsigned char* ws = nullptr;
     size_t smem = bytes;

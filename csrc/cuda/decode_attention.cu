@@ -23,10 +23,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <string>
 
-#include "../cpu/cpu_common.h"
-#include "../cpu/prepare.h"
+#include "../host/elem_type.h"
+#include "../host/prepare.h"
 #include "../dispatch.h"
 #include "../kernels/convert.h"
 #include "../kernels/params.h"
@@ -292,15 +291,14 @@ at::Tensor decode_attention_cuda(const at::Tensor& query, const at::Tensor& keys
                                  c10::string_view group_reduce) {
   at::Tensor out;
   const DecodeParams p = host::prepare_decode(query, keys, values, slot_pos, query_pos, scores,
-                                              counts, last, scale, std::string(group_reduce),
-                                              &out);
+                                              counts, last, scale, group_reduce, &out);
   const int64_t rows = int64_t(p.B) * p.H;
   if (rows == 0) return out;
   TORCH_CHECK(rows <= INT32_MAX, "decode_attention: too many (batch, head) rows: B*H=", rows);
   const c10::cuda::CUDAGuard guard(keys.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   WKV_DISPATCH_FLOAT_TYPES(keys.scalar_type(), "decode_attention", [&] {
-    using T = cpu::elem_t<scalar_t>;
+    using T = host::elem_t<scalar_t>;
     if (vector_ok<T>(keys, p.D) && vector_ok<T>(values, p.D))
       launch<T, 16 / sizeof(T)>(p, keys, stream);
     else

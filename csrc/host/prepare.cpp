@@ -9,6 +9,7 @@
 #include <cmath>
 #include <initializer_list>
 #include <limits>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -39,6 +40,35 @@ void check_dtype(const char* op, const char* name, const at::Tensor& t, at::Scal
   TORCH_CHECK(t.scalar_type() == want, op, ": ", name, " must have dtype ", want, ", got ",
               t.scalar_type());
 }
+
+// Defined, with the expected shape and dtype.
+void check_tensor(const char* op, const char* name, const at::Tensor& t,
+                  std::initializer_list<int64_t> expected, const char* layout,
+                  at::ScalarType want) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  check_shape(op, name, t, expected, layout);
+  check_dtype(op, name, t, want);
+}
+
+void check_kv_dtype(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(is_kv_dtype(t.scalar_type()), op, ": ", name,
+              " must have dtype float32, float16 or bfloat16, got ", t.scalar_type());
+}
+
+void check_dtype_of_keys(const char* op, const char* name, const at::Tensor& t,
+                         const at::Tensor& keys) {
+  TORCH_CHECK(t.scalar_type() == keys.scalar_type(), op, ": ", name,
+              " must have the dtype of keys (", keys.scalar_type(), "), got ", t.scalar_type());
+}
+
+// GQA: Hq query heads over H KV heads.
+void check_groups(const char* op, int64_t Hq, int64_t H) {
+  TORCH_CHECK((H == 0 && Hq == 0) || (H > 0 && Hq % H == 0 && Hq > 0), op,
+              ": the number of query heads Hq must be a positive multiple of the number of KV "
+              "heads H, got Hq=", Hq, ", H=", H);
+}
+
+int groups(int64_t Hq, int64_t H) { return H > 0 ? static_cast<int>(Hq / H) : 1; }
 
 void check_device(const char* op, const at::Tensor& ref, const char* ref_name,
                   std::initializer_list<std::pair<const char*, const at::Tensor*>> others) {
@@ -96,29 +126,26 @@ Stride2 st2(const at::Tensor& t) { return {t.stride(0), t.stride(1)}; }
 Stride3 st3(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 Stride4 st4(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
+// Stats tensors [B, H, C] float32 + slot_pos [B, H, C] int64.
+void check_stats(const char* op, int64_t B, int64_t H, int64_t C, const at::Tensor& slot_pos,
+                 const at::Tensor& scores, const at::Tensor& counts, const at::Tensor& last) {
+  for (const auto& [name, t] : {Named{"scores", &scores}, {"counts", &counts}, {"last", &last}})
+    check_tensor(op, name, *t, {B, H, C}, "[B, H, C]", at::kFloat);
+  check_tensor(op, "slot_pos", slot_pos, {B, H, C}, "[B, H, C]", at::kLong);
+}
+
 // Validates the six cache tensors; returns {B, H, C, D}.
 std::array<int64_t, 4> check_cache(const char* op, const at::Tensor& keys,
                                    const at::Tensor& values, const at::Tensor& scores,
                                    const at::Tensor& counts, const at::Tensor& last,
                                    const at::Tensor& slot_pos) {
   check_rank(op, "keys", keys, 4, "[B, H, C, D]");
-  TORCH_CHECK(is_kv_dtype(keys.scalar_type()), op,
-              ": keys must have dtype float32, float16 or bfloat16, got ", keys.scalar_type());
+  check_kv_dtype(op, "keys", keys);
   const int64_t B = keys.size(0), H = keys.size(1), C = keys.size(2), D = keys.size(3);
   TORCH_CHECK(values.defined(), op, ": values is undefined");
   check_shape(op, "values", values, {B, H, C, D}, "[B, H, C, D]");
-  TORCH_CHECK(values.scalar_type() == keys.scalar_type(), op,
-              ": values must have the dtype of keys (", keys.scalar_type(), "), got ",
-              values.scalar_type());
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"scores", &scores},
-                                {"counts", &counts}, {"last", &last}}) {
-    TORCH_CHECK(t->defined(), op, ": ", name, " is undefined");
-    check_shape(op, name, *t, {B, H, C}, "[B, H, C]");
-    check_dtype(op, name, *t, at::kFloat);
-  }
-  TORCH_CHECK(slot_pos.defined(), op, ": slot_pos is undefined");
-  check_shape(op, "slot_pos", slot_pos, {B, H, C}, "[B, H, C]");
-  check_dtype(op, "slot_pos", slot_pos, at::kLong);
+  check_dtype_of_keys(op, "values", values, keys);
+  check_stats(op, B, H, C, slot_pos, scores, counts, last);
   check_device(op, keys, "keys",
                {{"values", &values}, {"scores", &scores}, {"counts", &counts}, {"last", &last},
                 {"slot_pos", &slot_pos}});
@@ -129,22 +156,35 @@ std::array<int64_t, 4> check_cache(const char* op, const at::Tensor& keys,
   return {B, H, C, D};
 }
 
+// Pointers + strides of keys/values (CacheParams, DecodeParams).
+template <class P>
+void pack_kv(P& p, const at::Tensor& keys, const at::Tensor& values) {
+  p.keys = keys.data_ptr();
+  p.keys_st = st4(keys);
+  p.values = values.data_ptr();
+  p.values_st = st4(values);
+}
+
+// Pointers + strides of slot_pos and the stats (CacheParams, AccumulateParams, DecodeParams).
+template <class P>
+void pack_stats(P& p, const at::Tensor& slot_pos, const at::Tensor& scores,
+                const at::Tensor& counts, const at::Tensor& last) {
+  p.slot_pos = slot_pos.data_ptr<int64_t>();
+  p.pos_st = st3(slot_pos);
+  p.scores = scores.data_ptr<float>();
+  p.scores_st = st3(scores);
+  p.counts = counts.data_ptr<float>();
+  p.counts_st = st3(counts);
+  p.last = last.data_ptr<float>();
+  p.last_st = st3(last);
+}
+
 CacheParams make_cache(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& scores,
                        const at::Tensor& counts, const at::Tensor& last,
                        const at::Tensor& slot_pos) {
   CacheParams c;
-  c.keys = keys.data_ptr();
-  c.keys_st = st4(keys);
-  c.values = values.data_ptr();
-  c.values_st = st4(values);
-  c.scores = scores.data_ptr<float>();
-  c.scores_st = st3(scores);
-  c.counts = counts.data_ptr<float>();
-  c.counts_st = st3(counts);
-  c.last = last.data_ptr<float>();
-  c.last_st = st3(last);
-  c.slot_pos = slot_pos.data_ptr<int64_t>();
-  c.pos_st = st3(slot_pos);
+  pack_kv(c, keys, values);
+  pack_stats(c, slot_pos, scores, counts, last);
   c.B = static_cast<int>(keys.size(0));
   c.H = static_cast<int>(keys.size(1));
   c.C = static_cast<int>(keys.size(2));
@@ -152,24 +192,23 @@ CacheParams make_cache(const at::Tensor& keys, const at::Tensor& values, const a
   return c;
 }
 
-GroupReduce parse_reduce_or_throw(const char* op, const std::string& name) {
+GroupReduce parse_reduce_or_throw(const char* op, c10::string_view group_reduce) {
+  const std::string name(group_reduce);
   GroupReduce r;
   TORCH_CHECK(plain_name(name) && parse_group_reduce(name.c_str(), &r), op,
               ": group_reduce must be one of 'mean', 'sum', 'max', got '", printable(name), "'");
   return r;
 }
 
-// Stats tensors [B, H, C] float32 + slot_pos [B, H, C] int64 (ops without keys/values).
-void check_stats(const char* op, int64_t B, int64_t H, int64_t C, const at::Tensor& slot_pos,
-                 const at::Tensor& scores, const at::Tensor& counts, const at::Tensor& last) {
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"scores", &scores},
-                                {"counts", &counts}, {"last", &last}}) {
-    TORCH_CHECK(t->defined(), op, ": ", name, " is undefined");
-    check_shape(op, name, *t, {B, H, C}, "[B, H, C]");
-    check_dtype(op, name, *t, at::kFloat);
-  }
-  TORCH_CHECK(slot_pos.defined(), op, ": slot_pos is undefined");
-  check_dtype(op, "slot_pos", slot_pos, at::kLong);
+// append, compress: the six cache tensors are all written in place.
+void check_cache_no_aliasing(const char* op, const at::Tensor& keys, const at::Tensor& values,
+                             const at::Tensor& scores, const at::Tensor& counts,
+                             const at::Tensor& last, const at::Tensor& slot_pos,
+                             std::initializer_list<Named> read) {
+  check_no_aliasing(op,
+                    {{"keys", &keys}, {"values", &values}, {"scores", &scores},
+                     {"counts", &counts}, {"last", &last}, {"slot_pos", &slot_pos}},
+                    read);
 }
 
 }  // namespace
@@ -186,22 +225,15 @@ AppendParams prepare_append(const at::Tensor& keys, const at::Tensor& values,
   check_shape(op, "new_keys", new_keys, {B, H, T, D}, "[B, H, T, D]");
   TORCH_CHECK(new_values.defined(), op, ": new_values is undefined");
   check_shape(op, "new_values", new_values, {B, H, T, D}, "[B, H, T, D]");
-  TORCH_CHECK(new_keys.scalar_type() == keys.scalar_type(), op,
-              ": new_keys must have the dtype of keys (", keys.scalar_type(), "), got ",
-              new_keys.scalar_type());
-  TORCH_CHECK(new_values.scalar_type() == keys.scalar_type(), op,
-              ": new_values must have the dtype of keys (", keys.scalar_type(), "), got ",
-              new_values.scalar_type());
-  TORCH_CHECK(new_pos.defined(), op, ": new_pos is undefined");
-  check_shape(op, "new_pos", new_pos, {B, T}, "[B, T]");
-  check_dtype(op, "new_pos", new_pos, at::kLong);
+  check_dtype_of_keys(op, "new_keys", new_keys, keys);
+  check_dtype_of_keys(op, "new_values", new_values, keys);
+  check_tensor(op, "new_pos", new_pos, {B, T}, "[B, T]", at::kLong);
   check_device(op, keys, "keys",
                {{"new_keys", &new_keys}, {"new_values", &new_values}, {"new_pos", &new_pos}});
   check_int32(op, "T", T);
-  check_no_aliasing(op,
-                    {{"keys", &keys}, {"values", &values}, {"scores", &scores},
-                     {"counts", &counts}, {"last", &last}, {"slot_pos", &slot_pos}},
-                    {{"new_keys", &new_keys}, {"new_values", &new_values}, {"new_pos", &new_pos}});
+  check_cache_no_aliasing(
+      op, keys, values, scores, counts, last, slot_pos,
+      {{"new_keys", &new_keys}, {"new_values", &new_values}, {"new_pos", &new_pos}});
 
   AppendParams p;
   p.cache = make_cache(keys, values, scores, counts, last, slot_pos);
@@ -218,24 +250,19 @@ AppendParams prepare_append(const at::Tensor& keys, const at::Tensor& values,
 AccumulateParams prepare_accumulate(const at::Tensor& probs, const at::Tensor& slot_pos,
                                     const at::Tensor& query_pos, const at::Tensor& scores,
                                     const at::Tensor& counts, const at::Tensor& last,
-                                    const std::string& group_reduce) {
+                                    c10::string_view group_reduce) {
   const char* op = "accumulate";
   check_rank(op, "probs", probs, 4, "[B, Hq, Q, C]");
-  TORCH_CHECK(is_kv_dtype(probs.scalar_type()), op,
-              ": probs must have dtype float32, float16 or bfloat16, got ", probs.scalar_type());
+  check_kv_dtype(op, "probs", probs);
   check_rank(op, "slot_pos", slot_pos, 3, "[B, H, C]");
   const int64_t B = slot_pos.size(0), H = slot_pos.size(1), C = slot_pos.size(2);
   const int64_t Hq = probs.size(1), Q = probs.size(2);
   TORCH_CHECK(probs.size(0) == B && probs.size(3) == C, op,
               ": probs must have shape [B, Hq, Q, C] with B = ", B, " and C = ", C,
               " (from slot_pos), got ", probs.sizes());
-  TORCH_CHECK((H == 0 && Hq == 0) || (H > 0 && Hq % H == 0 && Hq > 0), op,
-              ": the number of query heads Hq must be a positive multiple of the number of KV "
-              "heads H, got Hq=", Hq, ", H=", H);
+  check_groups(op, Hq, H);
   check_stats(op, B, H, C, slot_pos, scores, counts, last);
-  TORCH_CHECK(query_pos.defined(), op, ": query_pos is undefined");
-  check_shape(op, "query_pos", query_pos, {B, Q}, "[B, Q]");
-  check_dtype(op, "query_pos", query_pos, at::kLong);
+  check_tensor(op, "query_pos", query_pos, {B, Q}, "[B, Q]", at::kLong);
   check_device(op, probs, "probs",
                {{"slot_pos", &slot_pos}, {"query_pos", &query_pos}, {"scores", &scores},
                 {"counts", &counts}, {"last", &last}});
@@ -247,19 +274,12 @@ AccumulateParams prepare_accumulate(const at::Tensor& probs, const at::Tensor& s
   p.reduce = parse_reduce_or_throw(op, group_reduce);
   p.probs = probs.data_ptr();
   p.probs_st = st4(probs);
-  p.slot_pos = slot_pos.data_ptr<int64_t>();
-  p.pos_st = st3(slot_pos);
+  pack_stats(p, slot_pos, scores, counts, last);
   p.query_pos = query_pos.data_ptr<int64_t>();
   p.query_pos_st = st2(query_pos);
-  p.scores = scores.data_ptr<float>();
-  p.scores_st = st3(scores);
-  p.counts = counts.data_ptr<float>();
-  p.counts_st = st3(counts);
-  p.last = last.data_ptr<float>();
-  p.last_st = st3(last);
   p.B = static_cast<int>(B);
   p.H = static_cast<int>(H);
-  p.G = H > 0 ? static_cast<int>(Hq / H) : 1;
+  p.G = groups(Hq, H);
   p.Q = static_cast<int>(Q);
   p.C = static_cast<int>(C);
   return p;
@@ -269,7 +289,7 @@ CompressParams prepare_compress(const at::Tensor& keys, const at::Tensor& values
                                 const at::Tensor& scores, const at::Tensor& counts,
                                 const at::Tensor& last, const at::Tensor& slot_pos,
                                 int64_t budget, int64_t sinks, int64_t recent,
-                                const std::string& policy, int64_t cam_window, int64_t seed) {
+                                c10::string_view policy_name, int64_t cam_window, int64_t seed) {
   const char* op = "compress";
   check_cache(op, keys, values, scores, counts, last, slot_pos);
   TORCH_CHECK(sinks >= 0, op, ": sinks must be >= 0, got sinks=", sinks);
@@ -280,13 +300,11 @@ CompressParams prepare_compress(const at::Tensor& keys, const at::Tensor& values
               ", recent=", recent);
   TORCH_CHECK(cam_window >= 1, op, ": cam_window must be >= 1, got cam_window=", cam_window);
   CompressParams p;
+  const std::string policy(policy_name);
   TORCH_CHECK(plain_name(policy) && parse_policy(policy.c_str(), &p.policy), op,
               ": policy must be one of 'weightedkv', 'evict', 'h2o', 'tova', 'streaming', "
               "'cam', got '", printable(policy), "'");
-  check_no_aliasing(op,
-                    {{"keys", &keys}, {"values", &values}, {"scores", &scores},
-                     {"counts", &counts}, {"last", &last}, {"slot_pos", &slot_pos}},
-                    {});
+  check_cache_no_aliasing(op, keys, values, scores, counts, last, slot_pos, {});
   p.cache = make_cache(keys, values, scores, counts, last, slot_pos);
   p.budget = budget;
   p.sinks = sinks;
@@ -300,7 +318,7 @@ DecodeParams prepare_decode(const at::Tensor& query, const at::Tensor& keys,
                             const at::Tensor& values, const at::Tensor& slot_pos,
                             const at::Tensor& query_pos, const at::Tensor& scores,
                             const at::Tensor& counts, const at::Tensor& last, double scale,
-                            const std::string& group_reduce, at::Tensor* out) {
+                            c10::string_view group_reduce, at::Tensor* out) {
   const char* op = "decode_attention";
   const auto [B, H, C, D] = check_cache(op, keys, values, scores, counts, last, slot_pos);
   check_rank(op, "query", query, 3, "[B, Hq, D]");
@@ -308,15 +326,9 @@ DecodeParams prepare_decode(const at::Tensor& query, const at::Tensor& keys,
   TORCH_CHECK(query.size(0) == B && query.size(2) == D, op,
               ": query must have shape [B, Hq, D] with B = ", B, " and D = ", D,
               " (from keys), got ", query.sizes());
-  TORCH_CHECK(query.scalar_type() == keys.scalar_type(), op,
-              ": query must have the dtype of keys (", keys.scalar_type(), "), got ",
-              query.scalar_type());
-  TORCH_CHECK((H == 0 && Hq == 0) || (H > 0 && Hq % H == 0 && Hq > 0), op,
-              ": the number of query heads Hq must be a positive multiple of the number of KV "
-              "heads H, got Hq=", Hq, ", H=", H);
-  TORCH_CHECK(query_pos.defined(), op, ": query_pos is undefined");
-  check_shape(op, "query_pos", query_pos, {B}, "[B]");
-  check_dtype(op, "query_pos", query_pos, at::kLong);
+  check_dtype_of_keys(op, "query", query, keys);
+  check_groups(op, Hq, H);
+  check_tensor(op, "query_pos", query_pos, {B}, "[B]", at::kLong);
   check_device(op, keys, "keys", {{"query", &query}, {"query_pos", &query_pos}});
   check_int32(op, "Hq", Hq);
   TORCH_CHECK(std::isfinite(static_cast<float>(scale)), op,
@@ -330,26 +342,16 @@ DecodeParams prepare_decode(const at::Tensor& query, const at::Tensor& keys,
   *out = at::empty({B, Hq, D}, query.options());
   p.query = query.data_ptr();
   p.query_st = st3(query);
-  p.keys = keys.data_ptr();
-  p.keys_st = st4(keys);
-  p.values = values.data_ptr();
-  p.values_st = st4(values);
-  p.slot_pos = slot_pos.data_ptr<int64_t>();
-  p.pos_st = st3(slot_pos);
+  pack_kv(p, keys, values);
+  pack_stats(p, slot_pos, scores, counts, last);
   p.query_pos = query_pos.data_ptr<int64_t>();
   p.query_pos_st = st1(query_pos);
-  p.scores = scores.data_ptr<float>();
-  p.scores_st = st3(scores);
-  p.counts = counts.data_ptr<float>();
-  p.counts_st = st3(counts);
-  p.last = last.data_ptr<float>();
-  p.last_st = st3(last);
   p.out = out->data_ptr();
   p.out_st = st3(*out);
   p.scale = static_cast<float>(scale);
   p.B = static_cast<int>(B);
   p.H = static_cast<int>(H);
-  p.G = H > 0 ? static_cast<int>(Hq / H) : 1;
+  p.G = groups(Hq, H);
   p.C = static_cast<int>(C);
   p.D = static_cast<int>(D);
   return p;

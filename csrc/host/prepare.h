@@ -1,4 +1,5 @@
-// prepare.h: host-side validation and parameter packing shared by the CPU and CUDA wrappers.
+// prepare.h: host-side validation and parameter packing shared by the CPU and CUDA wrappers
+// (device-neutral: no CPU- or CUDA-specific code).
 // Provides wkv::host::prepare_append / prepare_accumulate / prepare_compress / prepare_decode:
 // each validates ranks, shapes, dtypes, devices, scalar arguments and memory aliasing of the
 // tensors written in place (TORCH_CHECK messages name the op, the argument and the bad value)
@@ -8,8 +9,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-
-#include <string>
+#include <c10/util/string_view.h>
 
 #include "../kernels/params.h"
 
@@ -24,18 +24,18 @@ AppendParams prepare_append(const at::Tensor& keys, const at::Tensor& values,
 AccumulateParams prepare_accumulate(const at::Tensor& probs, const at::Tensor& slot_pos,
                                     const at::Tensor& query_pos, const at::Tensor& scores,
                                     const at::Tensor& counts, const at::Tensor& last,
-                                    const std::string& group_reduce);
+                                    c10::string_view group_reduce);
 
 CompressParams prepare_compress(const at::Tensor& keys, const at::Tensor& values,
                                 const at::Tensor& scores, const at::Tensor& counts,
                                 const at::Tensor& last, const at::Tensor& slot_pos,
                                 int64_t budget, int64_t sinks, int64_t recent,
-                                const std::string& policy, int64_t cam_window, int64_t seed);
+                                c10::string_view policy, int64_t cam_window, int64_t seed);
 
 DecodeParams prepare_decode(const at::Tensor& query, const at::Tensor& keys,
                             const at::Tensor& values, const at::Tensor& slot_pos,
                             const at::Tensor& query_pos, const at::Tensor& scores,
                             const at::Tensor& counts, const at::Tensor& last, double scale,
-                            const std::string& group_reduce, at::Tensor* out);
+                            c10::string_view group_reduce, at::Tensor* out);
 
 }  // namespace wkv::host
