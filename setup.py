@@ -94,5 +94,10 @@ setup(
     python_requires=">=3.10",
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    entry_points={"console_scripts": [
+        "weightedkv-eval = weightedkv_ext.eval.cli:main",
+        "weightedkv-demo = weightedkv_ext.demo:main",
+    ]},
+    install_requires=["torch", "transformers>=5.23,<6", "tqdm", "matplotlib", "numpy"],
     zip_safe=False,
 )

@@ -61,20 +61,19 @@ def _policies(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="weightedkv-eval", description=__doc__.split("\n\n")[1],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="weightedkv-eval", description=__doc__.split("\n\n")[1])
     p.add_argument("--model", default="smollm2",
-                   help="'smollm2' (embedded SmolLM2-135M-Instruct) or a local Hugging Face model folder")
+                   help="'smollm2' (embedded SmolLM2-135M-Instruct, default) or a local Hugging Face model folder")
     p.add_argument("--data", nargs="+", default=[], metavar="PATH",
                    help="text files (one-document datasets) or folders (*.txt = documents)")
     p.add_argument("--domains", default=None,
                    help="comma-separated evaldata domains (books,web,math,code) from ../shared/evaldata; "
                         "without --data/--domains: the embedded default text")
     p.add_argument("--policies", type=_policies, default=list(POLICIES),
-                   help="comma-separated, from " + ",".join(POLICIES))
+                   help="comma-separated, from (and by default) " + ",".join(POLICIES))
     p.add_argument("--budgets", type=_int_list("budgets"), default=None,
                    help=f"comma-separated KV budgets (tokens per head) [{_fmt(DEFAULTS['budgets'])}]")
-    p.add_argument("--sinks", type=_non_negative, default=4, help="attention-sink tokens kept")
+    p.add_argument("--sinks", type=_non_negative, default=4, help="attention-sink tokens kept [%(default)s]")
     p.add_argument("--recent", type=_non_negative, default=None,
                    help="recent tokens kept [budget/2 - sinks]")
     p.add_argument("--contexts", type=_int_list("contexts", 2), default=None,
@@ -84,18 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-per-doc", type=_at_least(2), default=None,
                    help=f"keep the first N tokens of each document [{DEFAULTS['max_tokens_per_doc']}]")
     p.add_argument("--chunk-size", type=_positive, default=1,
-                   help="tokens appended between compressions (1 = paper setting; others are labelled)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads [torch default]")
+                   help="tokens appended between compressions [1 = paper setting; others are labelled]")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype [%(default)s]")
+    p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads [torch default]; on a busy machine use 1, or set "
+                        "OMP_WAIT_POLICY=PASSIVE (spinning OpenMP threads stall small ops)")
     p.add_argument("--batch", type=_positive, default=None,
                    help=f"windows run together [{DEFAULTS['batch']}]")
     p.add_argument("--feed", type=_positive, default=256,
-                   help="tokens per model call (rounded up to a multiple of --chunk-size; results do "
-                        "not depend on it, only memory and speed do)")
-    p.add_argument("--cam-window", type=_positive, default=16, help="CaM merge window")
-    p.add_argument("--seed", type=int, default=0, help="seed of CaM's random merges")
+                   help="tokens per model call (rounded up to a multiple of --chunk-size); it changes "
+                        "memory and speed, results only by float rounding [%(default)s]")
+    p.add_argument("--cam-window", type=_positive, default=16, help="CaM merge window [%(default)s]")
+    p.add_argument("--seed", type=int, default=0, help="seed of CaM's random merges [%(default)s]")
     p.add_argument("--backend", choices=("ops", "reference"), default="ops",
-                   help="compiled ops or the (slow) pure-PyTorch reference")
+                   help="compiled ops (default) or the (slow) pure-PyTorch reference")
     p.add_argument("--out", default=None, help=f"output folder; rerun to resume [{DEFAULTS['out']}]")
     p.add_argument("--quick", action="store_true",
                    help="short preset (context 512, budgets 64,128, 2 windows of the default text, "
