@@ -95,6 +95,26 @@ def test_cache_keyword_spelling():
     assert torch.equal(g1, g2)
 
 
+def test_as_kwargs_uses_the_installed_spelling_without_warnings():
+    """``cache.as_kwargs()`` picks the keyword this transformers takes, so no FutureWarning fires and
+    the cache is really used (the same logits as the explicit `past_key_values=` call)."""
+    import warnings
+
+    model, ids = tiny_llama(), tokens(20)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        cache = WeightedKVCache(budget=8, sinks=2)
+        a = model(ids, **cache.as_kwargs()).logits
+        g = model.generate(ids, **WeightedKVCache(budget=8, sinks=2).as_kwargs(), max_new_tokens=3,
+                           do_sample=False)
+    assert int(cache.held_tokens().max()) == 8
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        b = model(ids, past_key_values=WeightedKVCache(budget=8, sinks=2)).logits
+    torch.testing.assert_close(a, b)
+    assert g.shape == (1, 23)
+
+
 def test_beam_search_reorders_the_cache():
     model, sdpa, ids = tiny_llama(), tiny_llama(attn="sdpa"), tokens(20, batch=2)
     gen = dict(max_new_tokens=8, do_sample=False, num_beams=3, num_return_sequences=2)

@@ -14,10 +14,17 @@ Use it with a model whose attention implementation is ``"weightedkv"``::
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
+from transformers import LlamaForCausalLM
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import attention as _attention  # noqa: F401  (registers the "weightedkv" attention + mask)
+
+# transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns until 5.40).
+_CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters \
+    else "past_key_values"
 
 POLICIES = ("weightedkv", "evict", "h2o", "tova", "streaming", "cam", "full")
 BACKENDS = ("ops", "reference")
@@ -301,6 +308,11 @@ class WeightedKVCache(Cache):
     def reset(self):
         super().reset()
         self._last_updated = None
+
+    def as_kwargs(self) -> dict:
+        """``{"cache": self}`` where the installed transformers names the argument ``cache``
+        (5.24 and later), else ``{"past_key_values": self}``: ``model(ids, **cache.as_kwargs())``."""
+        return {_CACHE_KWARG: self}
 
     def held_tokens(self) -> torch.Tensor:
         """Held tokens per (layer, batch row, KV head), int64 ``[layers, B, H]``."""

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     cache = WeightedKVCache(budget=args.budget, policy=args.policy)
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache.as_kwargs(),
                              max_new_tokens=args.new_tokens, do_sample=False)
     seconds = time.perf_counter() - start
     cfg = model.config

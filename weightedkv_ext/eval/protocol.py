@@ -109,7 +109,7 @@ def run_batch(
     for s in range(0, width, feed):
         e = min(s + feed, width)
         keep = counted[:, s:e].any(0).nonzero().flatten()  # logits only where some row counts
-        out = model(input_ids=inputs[:, s:e], past_key_values=cache, use_cache=True,
+        out = model(input_ids=inputs[:, s:e], **cache.as_kwargs(), use_cache=True,
                     logits_to_keep=keep.to(device))
         if keep.numel():
             logits = out.logits.float()  # [rows, len(keep), vocab]
