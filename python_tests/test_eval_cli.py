@@ -137,6 +137,7 @@ def test_resume_after_interruption_gives_the_same_results(model_dir, data_dir, r
     (["--data", "/nonexistent/x.txt"], ["--data", "/nonexistent/x.txt"]),
     (["--model", "/nonexistent/model"], ["--model", "/nonexistent/model"]),
     (["--dtype", "float8"], ["--dtype", "float8"]),
+    (["--group-reduce", "avg"], ["--group-reduce", "'avg'", "'mean'", "'sum'", "'max'"]),
 ])
 def test_bad_arguments_exit_with_a_message_naming_them(model_dir, data_dir, tmp_path, capsys, extra, words):
     with pytest.raises(SystemExit) as exc:
@@ -154,6 +155,55 @@ def test_resuming_another_configuration_is_refused(model_dir, data_dir, referenc
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--out" in err and "chunk_size=1" in err and "chunk_size=4" in err
+
+
+def test_group_reduce_is_parsed_with_mean_as_default():
+    assert cli.parse_args([]).group_reduce == "mean"
+    for r in ("mean", "sum", "max"):
+        assert cli.parse_args(["--group-reduce", r]).group_reduce == r
+
+
+def test_group_reduce_reaches_the_cache_and_is_recorded(model_dir, data_dir, tmp_path, monkeypatch):
+    import weightedkv_ext.cache as cache_mod
+
+    made = []
+
+    class Recording(cache_mod.WeightedKVCache):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append((self.policy, self.group_reduce))
+
+    monkeypatch.setattr(cache_mod, "WeightedKVCache", Recording)
+    out = tmp_path / "out"
+    argv = _argv(model_dir, data_dir, out)[:-2] + [
+        "--policies", "weightedkv,tova", "--contexts", "32", "--budgets", "12",
+        "--group-reduce", "max", "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert {p for p, _ in made} == {"weightedkv", "tova"}
+    assert {r for _, r in made} == {"max"}
+    assert json.loads((out / JSON_NAME).read_text())["config"]["group_reduce"] == "max"
+    assert "`group_reduce=max` (NOT the default `mean`)" in (out / MD_NAME).read_text()
+
+
+def test_resuming_with_another_group_reduce_is_refused(model_dir, data_dir, reference_run, tmp_path,
+                                                       capsys):
+    assert "group_reduce" not in (reference_run / MD_NAME).read_text()  # default: no note
+    with pytest.raises(SystemExit) as exc:
+        cli.main(_argv(model_dir, data_dir, reference_run) + ["--group-reduce", "sum"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "group_reduce='mean'" in err and "group_reduce='sum'" in err
+    # a results file written before the option existed counts as group_reduce=mean
+    old = tmp_path / "old"
+    old.mkdir()
+    data = json.loads((reference_run / JSON_NAME).read_text())
+    del data["config"]["group_reduce"]
+    (old / JSON_NAME).write_text(json.dumps(data))
+    assert cli.main(_argv(model_dir, data_dir, old)) == 0  # nothing to run
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(_argv(model_dir, data_dir, old) + ["--group-reduce", "max"])
+    assert "group_reduce='mean'" in capsys.readouterr().err
 
 
 def test_chunk_size_is_labelled_when_not_the_paper_setting(model_dir, data_dir, tmp_path):

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from typing import Callable
 
+# How the query heads sharing a KV head (GQA) are combined into one score; "mean" is the default.
+GROUP_REDUCES = ("mean", "sum", "max")
+
 # Canonical order (rows of the table, lines of the plot); names as in the paper.
 POLICIES = ("full", "streaming", "tova", "h2o", "cam", "evict", "weightedkv")
 DISPLAY = {
@@ -30,7 +33,7 @@ def prepare(model):
 
 def cache_factory(policy: str, budget: int | None, sinks: int, recent: int | None,
                   chunk_size: int, cam_window: int = 16, seed: int = 0,
-                  backend: str = "ops") -> Callable[[], object]:
+                  backend: str = "ops", group_reduce: str = "mean") -> Callable[[], object]:
     """A function returning a fresh, empty cache for one batch of windows."""
     from ..cache import WeightedKVCache
 
@@ -40,7 +43,7 @@ def cache_factory(policy: str, budget: int | None, sinks: int, recent: int | Non
     def make():
         return WeightedKVCache(budget, sinks=sinks, recent=recent, policy=policy,
                                chunk_size=chunk_size, cam_window=cam_window, seed=seed,
-                               backend=backend)
+                               group_reduce=group_reduce, backend=backend)
 
     make()  # validate the arguments now, not in the middle of a run
     return make

@@ -13,7 +13,7 @@ import platform
 import sys
 from pathlib import Path
 
-from .caches import POLICIES, default_recent
+from .caches import GROUP_REDUCES, POLICIES, default_recent
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULTS = dict(contexts=[2048], budgets=[128, 256, 512], docs=None, max_tokens_per_doc=8192,
@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "memory and speed, results only by float rounding [%(default)s]")
     p.add_argument("--cam-window", type=_positive, default=16, help="CaM merge window [%(default)s]")
     p.add_argument("--seed", type=int, default=0, help="seed of CaM's random merges [%(default)s]")
+    p.add_argument("--group-reduce", choices=GROUP_REDUCES, default="mean",
+                   help="how the query heads sharing one KV head (GQA) are combined into the score "
+                        "of that KV head's tokens [%(default)s]")
     p.add_argument("--backend", choices=("ops", "reference"), default="ops",
                    help="compiled ops (default) or the (slow) pure-PyTorch reference")
     p.add_argument("--out", default=None, help=f"output folder; rerun to resume [{DEFAULTS['out']}]")
@@ -201,6 +204,7 @@ def main(argv=None) -> int:
         parser.error(str(e))
     config = {"model": model_desc, "dtype": args.dtype, "chunk_size": args.chunk_size,
               "cam_window": args.cam_window, "seed": args.seed, "backend": args.backend,
+              "group_reduce": args.group_reduce,
               "protocol": "sliding window W, stride W/2, empty cache per window; first window counts "
                           "all targets, later ones their last W/2; ppl = exp(sum NLL / tokens)",
               "datasets": {d.name: d.describe() for d in datasets}}
@@ -231,7 +235,7 @@ def main(argv=None) -> int:
     try:
         run(model, datasets, cells, store, batch=args.batch, feed=args.feed,
             chunk_size=args.chunk_size, cam_window=args.cam_window, seed=args.seed,
-            backend=args.backend, run_record=record, progress=not args.no_progress)
+            backend=args.backend, group_reduce=args.group_reduce, run_record=record, progress=not args.no_progress)
     except KeyboardInterrupt:
         status = 130
     store.save()

@@ -13,6 +13,11 @@ FORMAT = "weightedkv_ext.eval/1"
 JSON_NAME, MD_NAME, PNG_NAME = "results.json", "results.md", "ppl_vs_budget.png"
 
 
+# Configuration keys added after the first results files were written, with the value those
+# files implicitly used: a file without the key resumes only with that value.
+CONFIG_DEFAULTS = {"group_reduce": "mean"}
+
+
 class ResumeError(ValueError):
     """``--out`` holds results of another configuration."""
 
@@ -51,9 +56,10 @@ class ResultStore:
         for k, v in config.items():
             if k == "datasets":
                 continue
-            if old.get(k) != v:
+            have = old.get(k, CONFIG_DEFAULTS.get(k))
+            if have != v:
                 raise ResumeError(
-                    f"argument --out: {str(self.dir)!r} holds results for {k}={old.get(k)!r}, this run "
+                    f"argument --out: {str(self.dir)!r} holds results for {k}={have!r}, this run "
                     f"has {k}={v!r}; use another --out folder (or the same {k}) to resume")
         for name, desc in config["datasets"].items():
             have = old["datasets"].get(name)
@@ -175,6 +181,10 @@ def markdown(data: dict) -> str:
             lines.append(f"- `{name}`: {len(toks)} document(s) ({', '.join(desc['docs'])}), "
                          f"{sum(toks)} tokens ({' + '.join(map(str, toks))}); each cell counts "
                          f"{desc['targets']} predicted tokens.")
+    reduce = cfg.get("group_reduce", "mean")
+    if reduce != "mean":
+        lines.append(f"- GQA: the scores of the query heads sharing a KV head are combined with "
+                     f"`group_reduce={reduce}` (NOT the default `mean`).")
     secs = sum(c["seconds"] for c in data["cells"].values())
     fwd = sum(c["forwards"] for c in data["cells"].values())
     lines.append("- Budget: KV tokens held per layer and KV head, 4 attention sinks and "

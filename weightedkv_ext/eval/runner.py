@@ -46,7 +46,7 @@ def plan(datasets: list[TokenDataset], contexts, policies, budgets, sinks, recen
 
 def run(model, datasets: list[TokenDataset], cells: list[Cell], store: ResultStore, *,
         batch: int, feed: int, chunk_size: int, cam_window: int, seed: int, backend: str = "ops",
-        run_record: dict, progress: bool = True) -> int:
+        group_reduce: str = "mean", run_record: dict, progress: bool = True) -> int:
     """Evaluate the cells missing from ``store``; returns the number run. KeyboardInterrupt leaves
     every finished cell saved and propagates."""
     by_name = {d.name: d for d in datasets}
@@ -62,7 +62,7 @@ def run(model, datasets: list[TokenDataset], cells: list[Cell], store: ResultSto
         for cell in todo:
             bar.set_description(cell.label)
             make = cache_factory(cell.policy, cell.budget, cell.sinks or 0, cell.recent, chunk_size,
-                                 cam_window, seed, backend)
+                                 cam_window, seed, backend, group_reduce)
             ds = by_name[cell.dataset]
             t0 = time.perf_counter()
             tot = evaluate(model, ds.docs, cell.context, make, batch=batch, feed=feed,
