@@ -16,13 +16,7 @@ TEXT = ("It is a truth universally acknowledged, that a single man in possession
         "must be in want of a wife. ") * 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops: one thread is fastest, and much faster on a busy machine (no OpenMP barriers)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 @pytest.fixture(scope="module")

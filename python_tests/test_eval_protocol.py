@@ -22,13 +22,7 @@ VOCAB = 97
 TOL = dict(rtol=1e-4, atol=1e-4)  # fp32, different kernels and summation orders
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops: one thread is fastest, and much faster on a busy machine (no OpenMP barriers)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -39,15 +39,6 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-@pytest.fixture
-def one_thread():
-    """The tiny shapes gain nothing from threads; one thread keeps the run fast on a busy box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def check_cache(cache, n):
     recent = cache.recent
     for layer in cache.layers:
