@@ -130,24 +130,24 @@ def bench_compress(B: int, budget: int, k: int, repeats: int, ref_every: int, ge
         for t, s in zip(state[2:], src):
             t.copy_(s)
 
-    def engine():
-        restore(st, saved)
-        t0 = time.perf_counter()
-        ops.accumulate(probs, st[5], qpos, st[2], st[3], st[4])
-        ops.compress(*st, budget, SINKS, recent, "weightedkv")
-        return time.perf_counter() - t0
+    def accumulate_compress(impl, state):
+        """One timed accumulate + compress of ``impl`` (ops or reference) from the saved stats."""
+        def run():
+            restore(state, saved)
+            t0 = time.perf_counter()
+            impl.accumulate(probs, state[5], qpos, state[2], state[3], state[4])
+            impl.compress(*state, budget, SINKS, recent, "weightedkv")
+            return time.perf_counter() - t0
+        return run
+
+    engine = accumulate_compress(ops, st)
 
     def vectorised():
         t0 = time.perf_counter()
         vectorised_step(ck, cv, cs, cc, cprobs, causal, budget, SINKS, recent)
         return time.perf_counter() - t0
 
-    def ref():
-        restore(ref_st, saved)
-        t0 = time.perf_counter()
-        reference.accumulate(probs, ref_st[5], qpos, ref_st[2], ref_st[3], ref_st[4])
-        reference.compress(*ref_st, budget, SINKS, recent, "weightedkv")
-        return time.perf_counter() - t0
+    ref = accumulate_compress(reference, ref_st)
 
     def engine_append():
         app[5].copy_(app_pos)

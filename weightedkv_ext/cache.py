@@ -21,14 +21,15 @@ from transformers import LlamaForCausalLM
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import attention as _attention  # noqa: F401  (registers the "weightedkv" attention + mask)
+from . import ops, reference
 
 # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns until 5.40).
 _CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters \
     else "past_key_values"
 
-POLICIES = ("weightedkv", "evict", "h2o", "tova", "streaming", "cam", "full")
+POLICIES = ops.POLICIES + ("full",)  # the engine's policies, plus no compression
 BACKENDS = ("ops", "reference")
-GROUP_REDUCES = ("mean", "sum", "max")
+GROUP_REDUCES = ops.GROUP_REDUCES
 
 _ENABLE_HINT = ('call weightedkv_ext.enable(model) (or load the model with '
                 'attn_implementation="weightedkv")')
@@ -268,11 +269,7 @@ class WeightedKVCache(Cache):
     @property
     def ops(self):
         """The module implementing append/accumulate/compress/decode_attention for this cache."""
-        if self.backend == "ops":
-            from . import ops
-            return ops
-        from . import reference
-        return reference
+        return ops if self.backend == "ops" else reference
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args, **kwargs):

@@ -4,7 +4,8 @@ from __future__ import annotations
 from typing import Callable
 
 # How the query heads sharing a KV head (GQA) are combined into one score; "mean" is the default.
-GROUP_REDUCES = ("mean", "sum", "max")
+from ..ops import GROUP_REDUCES  # noqa: F401  (re-exported for the CLI)
+
 
 # Canonical order (rows of the table, lines of the plot); names as in the paper.
 POLICIES = ("full", "streaming", "tova", "h2o", "cam", "evict", "weightedkv")
