@@ -23,11 +23,21 @@ decode_attention: one query per head over N held keys (N = budget), fused (outpu
 vs ``F.scaled_dot_product_attention`` on a contiguous ``[B, 8, N, 128]`` cache (GQA: enable_gqa,
 and transformers' repeat_kv + sdpa), and sdpa plus what the statistics cost without fusion
 (softmax(q K^T) recomputed, group mean, ``scores += p``, ``counts += 1``).
+
+block attention (one prefill chunk step, #15): ``ops.block_attention`` (fused: output + statistics,
+no probabilities stored) vs today's path of the integration (a float32 ``[B, H, G*Q, C]`` logits /
+probabilities block with torch matmul + softmax, float32 copies of K/V when they are not float32,
+then ``ops.accumulate``). Peak extra memory = the peak resident memory of one step above the
+resident memory before it (the cache and inputs already allocated), each variant measured in a
+fresh process (``/proc/self/clear_refs`` resets the peak); time = medians of interleaved repeats.
+``--block-only`` runs just this part (``--quick``: B=2, budget 1024; full: B=8, budget 4096;
+8 KV heads, G=4, D=128, Q=128, float32 and bfloat16).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 
@@ -206,6 +216,131 @@ def bench_decode(B: int, N: int, repeats: int, gen):
 
 
 
+# ---- benchmark 3: one chunk step of block attention -----------------------------------------
+
+BLOCK_Q = 128
+
+
+def block_inputs(B: int, budget: int, Q: int, dtype: torch.dtype, seed: int = 0):
+    """The slot cache after appending a chunk of Q tokens at positions budget .. budget + Q - 1
+    (budget older tokens held), the chunk's queries and positions."""
+    gen = torch.Generator().manual_seed(seed)
+    C = budget + Q
+    st = slot_state(B, C, C, gen)  # every slot held: positions 0 .. C-1
+    st[0], st[1] = st[0].to(dtype), st[1].to(dtype)
+    query = torch.randn(B, HQ, Q, D, generator=gen).to(dtype)
+    qpos = torch.arange(budget, budget + Q).repeat(B, 1)
+    return st, query, qpos
+
+
+def todays_block_step(st, query, qpos, scale):
+    """The integration's chunk attention before block_attention (attention.py, _block_attention):
+    a float32 logits/probabilities block and float32 copies of K/V, then ops.accumulate."""
+    keys, values, scores, counts, last, slot_pos = st
+    B, Hq, Q, Dh = query.shape
+    Hk, C = keys.shape[1], keys.shape[2]
+    Gq = Hq // Hk
+    q = query.reshape(B, Hk, Gq * Q, Dh).float()
+    logits = torch.matmul(q, keys.float().transpose(-1, -2)).mul_(scale)
+    slots = slot_pos[:, :, None, :]
+    visible = (slots >= 0) & (slots <= qpos[:, None, :, None])
+    logits.view(B, Hk, Gq, Q, C).masked_fill_(~visible[:, :, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    sees_any = visible.any(-1)
+    probs.view(B, Hk, Gq, Q, C).masked_fill_(~sees_any[:, :, None, :, None], 0.0)
+    out = torch.matmul(probs, values.float())
+    ops.accumulate(probs.view(B, Hq, Q, C), slot_pos, qpos, scores, counts, last)
+    return out.view(B, Hq, Q, Dh).to(query.dtype)
+
+
+def fused_block_step(st, query, qpos, scale):
+    keys, values, scores, counts, last, slot_pos = st
+    return ops.block_attention(query, keys, values, slot_pos, qpos, scores, counts, last, scale)
+
+
+BLOCK_VARIANTS = {"today": todays_block_step, "block_attention": fused_block_step}
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def block_peak_bytes_here(variant: str, dtype: str, B: int, budget: int, Q: int) -> int:
+    """In this (fresh) process: peak resident bytes of one step above the resident bytes before."""
+    st, query, qpos = block_inputs(B, budget, Q, getattr(torch, dtype))
+    fn = BLOCK_VARIANTS[variant]
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current resident size
+    before = _rss_kib("VmRSS")
+    out = fn(st, query, qpos, D ** -0.5)
+    peak = _rss_kib("VmHWM")
+    del out
+    return (peak - before) * 1024
+
+
+def block_peak_bytes(variant: str, dtype: str, B: int, budget: int, Q: int) -> int:
+    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--_block-mem", variant, dtype,
+                          str(B), str(budget), str(Q)], capture_output=True, text=True,
+                         timeout=1800, env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr[-2000:])
+    return int(res.stdout.strip().split()[-1])
+
+
+def bench_block(B: int, budget: int, Q: int, dtype: torch.dtype, repeats: int):
+    """Peak extra memory (fresh processes) and time (interleaved) of one chunk step."""
+    name = str(dtype).replace("torch.", "")
+    mem = {v: block_peak_bytes(v, name, B, budget, Q) for v in BLOCK_VARIANTS}
+    st, query, qpos = block_inputs(B, budget, Q, dtype)
+    saved = [t.clone() for t in st[2:5]]
+
+    def timed(fn):
+        def run():
+            for t, s in zip(st[2:5], saved):
+                t.copy_(s)
+            t0 = time.perf_counter()
+            fn(st, query, qpos, D ** -0.5)
+            return time.perf_counter() - t0
+        return run
+
+    t = interleaved({v: timed(fn) for v, fn in BLOCK_VARIANTS.items()}, repeats, warmup=1)
+    cache_bytes = sum(x.numel() * x.element_size() for x in st)
+    return mem, t, cache_bytes
+
+
+def block_main(args, info):
+    B, budget = (2, 1024) if args.quick else (8, 4096)
+    repeats = args.repeats or (3 if args.quick else 5)
+    rows, js = [], []
+    for dtype in (torch.float32, torch.bfloat16):
+        mem, t, cache = bench_block(B, budget, BLOCK_Q, dtype, repeats)
+        mt, mf = mem["today"], mem["block_attention"]
+        tt, tf = t["today"]["median_s"], t["block_attention"]["median_s"]
+        js.append(dict(batch=B, budget=budget, Q=BLOCK_Q, dtype=str(dtype), cache_bytes=cache,
+                       today_peak_extra_bytes=mt, fused_peak_extra_bytes=mf,
+                       memory_ratio=mf / max(mt, 1), today_s=tt, fused_s=tf, time_ratio=tf / tt))
+        rows.append([str(dtype).replace("torch.", ""), B, budget, BLOCK_Q, f"{cache / 2**20:.0f} MiB",
+                     f"{mt / 2**20:.1f} MiB", f"{mf / 2**20:.1f} MiB", f"**{mf / max(mt, 1):.3f}**",
+                     fmt_time(tt), fmt_time(tf), f"**{tf / tt:.2f}x**"])
+        print(f"block B={B} budget={budget} Q={BLOCK_Q} {dtype}: peak extra today {mt / 2**20:.1f} MiB, "
+              f"block_attention {mf / 2**20:.1f} MiB (ratio {mf / max(mt, 1):.3f}); time today "
+              f"{fmt_time(tt)}, block_attention {fmt_time(tf)} (ratio {tf / tt:.2f})", flush=True)
+    md = ["## one chunk step: block_attention vs today's torch block + accumulate", "",
+          f"8 KV heads, G=4, head_dim 128, every slot held (budget + Q). Peak extra memory: peak "
+          f"resident memory of the step above the memory before it, each in a fresh process. "
+          f"Time: medians of {repeats} interleaved repeats. Ratios: block_attention / today "
+          "(memory target <= 0.10, time <= 1.0).", "",
+          md_table(["dtype", "batch", "budget", "Q", "cache", "today peak extra",
+                    "block_attention peak extra", "memory ratio", "today", "block_attention",
+                    "time ratio"], rows)]
+    j, m = write(args.out, {"machine": info, "block_attention": js}, "\n".join(md))
+    print(f"# wrote {j} and {m}; load {info['loadavg_start']} -> {os.getloadavg()}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="budgets 256/1024 only, fewer repeats")
@@ -213,8 +348,18 @@ def main():
     ap.add_argument("--ref-every", type=int, default=None,
                     help="run the reference every k-th repeat (default: 3 reference runs per point)")
     ap.add_argument("--threads", type=int, default=None, help="torch/at::parallel_for threads")
-    ap.add_argument("--out", default="bench_kernels", help="results/<out>.json and .md")
+    ap.add_argument("--out", default=None,
+                    help="results/<out>.json and .md (default bench_kernels, or bench_block with "
+                         "--block-only)")
+    ap.add_argument("--block-only", action="store_true",
+                    help="only the chunk-step comparison of block_attention vs today's path")
+    ap.add_argument("--_block-mem", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args._block_mem:
+        v, dt, b, bud, q = args._block_mem
+        print(block_peak_bytes_here(v, dt, int(b), int(bud), int(q)))
+        return
+    args.out = args.out or ("bench_block" if args.block_only else "bench_kernels")
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (10 if args.quick else 30)
@@ -224,6 +369,9 @@ def main():
     info = machine()
     print(f"# machine: {info['nproc']} CPUs, {info['cpu_model']}, threads={info['torch_threads']}, "
           f"load {info['loadavg_start']}", flush=True)
+    if args.block_only:
+        block_main(args, info)
+        return
 
     comp_rows, comp_json = [], []
     for k in (1, CHUNK):
@@ -285,6 +433,8 @@ def main():
                "compress": comp_json, "decode_attention": dec_json}
     j, m = write(args.out, payload, "\n".join(md))
     print(f"# wrote {j} and {m}; load {payload['machine']['loadavg_end']}")
+    args.out = "bench_block"
+    block_main(args, machine())
 
 
 if __name__ == "__main__":

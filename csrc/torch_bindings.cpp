@@ -14,11 +14,19 @@ TORCH_LIBRARY(weightedkv, m) {
   m.def(
       "compress(Tensor(a!) keys, Tensor(b!) values, Tensor(c!) scores, Tensor(d!) counts, "
       "Tensor(e!) last, Tensor(f!) slot_pos, int budget, int sinks, int recent, str policy, "
-      "int cam_window=16, int seed=0) -> ()");
+      "int cam_window=16, int seed=0, int head_offset=0) -> ()");
+  // decode_attention / block_attention: window, softcap, sinks (GPT-OSS s_aux, float32 [Hq])
+  // as in docs/design.md; out is caller-allocated ([B, Hq, D] / [B, Hq, Q, D], query dtype).
   m.def(
       "decode_attention(Tensor query, Tensor keys, Tensor values, Tensor slot_pos, "
       "Tensor query_pos, Tensor(a!) scores, Tensor(b!) counts, Tensor(c!) last, float scale, "
-      "str group_reduce=\"mean\") -> Tensor");
+      "str group_reduce=\"mean\", *, int window=0, float softcap=0.0, Tensor? sinks=None, "
+      "Tensor(d!) out) -> ()");
+  m.def(
+      "block_attention(Tensor query, Tensor keys, Tensor values, Tensor slot_pos, "
+      "Tensor query_pos, Tensor(a!) scores, Tensor(b!) counts, Tensor(c!) last, float scale, "
+      "str group_reduce=\"mean\", *, int window=0, float softcap=0.0, Tensor? sinks=None, "
+      "Tensor(d!) out) -> ()");
 }
 
 // Exported so that a non-Python consumer (the C++ tests) can force this library to load.

@@ -1,12 +1,17 @@
 """Typed Python wrappers of the compiled ops ``torch.ops.weightedkv.*`` (contract: docs/design.md).
 
-All four ops work on the fixed-slot cache of one layer: ``keys``/``values`` ``[B, H, C, D]``
+All the ops work on the fixed-slot cache of one layer: ``keys``/``values`` ``[B, H, C, D]``
 (float32/float16/bfloat16), ``scores``/``counts``/``last`` ``[B, H, C]`` float32 and ``slot_pos``
 ``[B, H, C]`` int64 (``-1`` = empty slot). ``append``, ``accumulate`` and ``compress`` mutate their
-state arguments in place and return nothing; ``decode_attention`` also updates the statistics and
-returns the attention output. Any strides are accepted; nothing is copied.
+state arguments in place and return nothing; ``decode_attention`` and ``block_attention`` also
+update the statistics and return the attention output (written into ``out`` when given). Any
+strides are accepted; nothing is copied. Integer arguments accept integer-like numbers
+(``operator.index``: ``numpy.int64``, ...) and refuse bools.
 """
 from __future__ import annotations
+
+import numbers
+import operator
 
 import torch
 from torch import Tensor
@@ -17,6 +22,23 @@ POLICIES = ("weightedkv", "evict", "h2o", "tova", "streaming", "cam")
 GROUP_REDUCES = ("mean", "sum", "max")
 
 _ops = torch.ops.weightedkv
+
+
+def _int(op: str, name: str, value):
+    """An integer argument: integer-like numbers (``numpy.int64``, ...) become an int, bools are
+    refused like the cache refuses them; anything else goes to the op, whose schema error names
+    the argument and its type."""
+    if isinstance(value, bool):
+        raise ValueError(f"{op}: {name} must be an int, got {name}={value!r} (a bool)")
+    return operator.index(value) if hasattr(type(value), "__index__") else value
+
+
+def _float(op: str, name: str, value):
+    """A float argument: real numbers (``numpy.float32``, ...) become a float, bools are
+    refused; anything else goes to the op (schema error)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{op}: {name} must be a float, got {name}={value!r} (a bool)")
+    return float(value) if isinstance(value, numbers.Real) else value
 
 
 def append(keys: Tensor, values: Tensor, scores: Tensor, counts: Tensor, last: Tensor,
@@ -44,26 +66,68 @@ def accumulate(probs: Tensor, slot_pos: Tensor, query_pos: Tensor, scores: Tenso
 
 def compress(keys: Tensor, values: Tensor, scores: Tensor, counts: Tensor, last: Tensor,
              slot_pos: Tensor, budget: int, sinks: int, recent: int, policy: str,
-             cam_window: int = 16, seed: int = 0) -> None:
+             cam_window: int = 16, seed: int = 0, head_offset: int = 0) -> None:
     """Remove tokens of every (b, h) until at most ``budget`` are held (in place).
 
     ``policy`` is one of ``POLICIES``; the ``sinks`` oldest and ``recent`` newest held tokens are
-    never removed (``budget > sinks + recent``). ``cam_window`` and ``seed`` are used by ``"cam"``.
+    never removed (``budget > sinks + recent``). ``cam_window`` and ``seed`` are used by ``"cam"``,
+    whose draw for KV head ``h`` is keyed by the global head ``head_offset + h`` (tensor
+    parallelism: a shard holding heads ``head_offset ..`` draws what the full run draws).
     """
-    _ops.compress(keys, values, scores, counts, last, slot_pos, budget, sinks, recent, policy,
-                  cam_window, seed)
+    op = "compress"
+    _ops.compress(keys, values, scores, counts, last, slot_pos, _int(op, "budget", budget),
+                  _int(op, "sinks", sinks), _int(op, "recent", recent), policy,
+                  _int(op, "cam_window", cam_window), _int(op, "seed", seed),
+                  _int(op, "head_offset", head_offset))
+
+
+def _attention_kwargs(op: str, window, softcap) -> dict:
+    return dict(window=_int(op, "window", window), softcap=_float(op, "softcap", softcap))
 
 
 def decode_attention(query: Tensor, keys: Tensor, values: Tensor, slot_pos: Tensor,
                      query_pos: Tensor, scores: Tensor, counts: Tensor, last: Tensor,
-                     scale: float, group_reduce: str = "mean") -> Tensor:
+                     scale: float, group_reduce: str = "mean", *, window: int = 0,
+                     softcap: float = 0.0, sinks: Tensor | None = None,
+                     out: Tensor | None = None) -> Tensor:
     """Fused single-query attention over the held slots, updating the statistics.
 
     ``query`` ``[B, Hq, D]`` (dtype of ``keys``), ``query_pos`` int64 ``[B]`` (``-1`` = padding
-    row: zero output, no statistics). Returns ``out`` ``[B, Hq, D]`` in the dtype of ``query``.
+    row: zero output, no statistics). ``window``, ``softcap``, ``sinks`` as in
+    ``block_attention``. Returns ``out`` ``[B, Hq, D]`` in the dtype of ``query`` (the given
+    ``out`` if any, written in place).
     """
-    return _ops.decode_attention(query, keys, values, slot_pos, query_pos, scores, counts, last,
-                                 scale, group_reduce)
+    op = "decode_attention"
+    if out is None:
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    _ops.decode_attention(query, keys, values, slot_pos, query_pos, scores, counts, last,
+                          _float(op, "scale", scale), group_reduce, sinks=sinks, out=out,
+                          **_attention_kwargs(op, window, softcap))
+    return out
+
+
+def block_attention(query: Tensor, keys: Tensor, values: Tensor, slot_pos: Tensor,
+                    query_pos: Tensor, scores: Tensor, counts: Tensor, last: Tensor,
+                    scale: float, group_reduce: str = "mean", *, window: int = 0,
+                    softcap: float = 0.0, sinks: Tensor | None = None,
+                    out: Tensor | None = None) -> Tensor:
+    """Attention of a chunk of ``Q`` queries over the held slots, updating the statistics
+    exactly as ``accumulate`` would with these probabilities (which are never stored).
+
+    ``query`` ``[B, Hq, Q, D]`` (dtype of ``keys``), ``query_pos`` int64 ``[B, Q]`` (``-1`` =
+    padding query: zero output, no statistics). Query ``q`` sees the held slots with
+    ``slot_pos <= query_pos[b, q]`` and, if ``window > 0``, ``query_pos - slot_pos < window``;
+    ``softcap > 0``: ``logit = softcap * tanh(logit / softcap)``; ``sinks`` (float32 ``[Hq]``):
+    one extra logit per query head in the softmax normaliser (probabilities sum to < 1). A query
+    that sees nothing gets zeros. Returns ``out`` ``[B, Hq, Q, D]`` in the dtype of ``query``.
+    """
+    op = "block_attention"
+    if out is None:
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    _ops.block_attention(query, keys, values, slot_pos, query_pos, scores, counts, last,
+                         _float(op, "scale", scale), group_reduce, sinks=sinks, out=out,
+                         **_attention_kwargs(op, window, softcap))
+    return out
 
 
 # ---- fake (meta) kernels, for torch.compile / FakeTensor tracing -----------------------------
@@ -94,19 +158,37 @@ def _accumulate_fake(probs, slot_pos, query_pos, scores, counts, last, group_red
 
 @torch.library.register_fake("weightedkv::compress")
 def _compress_fake(keys, values, scores, counts, last, slot_pos, budget, sinks, recent, policy,
-                   cam_window=16, seed=0):
+                   cam_window=16, seed=0, head_offset=0):
     _one_device("compress", keys=keys, values=values, scores=scores, counts=counts, last=last,
                 slot_pos=slot_pos)
     return None
 
 
+def _attention_fake(op, query, keys, values, slot_pos, query_pos, scores, counts, last, sinks,
+                    out, rank):
+    extra = {} if sinks is None else dict(sinks=sinks)
+    _one_device(op, keys=keys, query=query, values=values, slot_pos=slot_pos,
+                query_pos=query_pos, scores=scores, counts=counts, last=last, out=out, **extra)
+    layout = "[B, Hq, D]" if rank == 3 else "[B, Hq, Q, D]"
+    torch._check(query.dim() == rank, lambda: f"{op}: query must be {layout}")
+    torch._check(out.shape == query.shape,
+                 lambda: f"{op}: out must have shape {layout} (the shape of query)")
+    return None
+
+
 @torch.library.register_fake("weightedkv::decode_attention")
 def _decode_attention_fake(query, keys, values, slot_pos, query_pos, scores, counts, last, scale,
-                           group_reduce="mean"):
-    _one_device("decode_attention", keys=keys, query=query, values=values, slot_pos=slot_pos,
-                query_pos=query_pos, scores=scores, counts=counts, last=last)
-    torch._check(query.dim() == 3, lambda: "decode_attention: query must be [B, Hq, D]")
-    return query.new_empty(query.shape)
+                           group_reduce="mean", *, window=0, softcap=0.0, sinks=None, out):
+    return _attention_fake("decode_attention", query, keys, values, slot_pos, query_pos, scores,
+                           counts, last, sinks, out, 3)
 
 
-__all__ = ["POLICIES", "GROUP_REDUCES", "append", "accumulate", "compress", "decode_attention"]
+@torch.library.register_fake("weightedkv::block_attention")
+def _block_attention_fake(query, keys, values, slot_pos, query_pos, scores, counts, last, scale,
+                          group_reduce="mean", *, window=0, softcap=0.0, sinks=None, out):
+    return _attention_fake("block_attention", query, keys, values, slot_pos, query_pos, scores,
+                           counts, last, sinks, out, 4)
+
+
+__all__ = ["POLICIES", "GROUP_REDUCES", "append", "accumulate", "compress", "decode_attention",
+           "block_attention"]

@@ -225,43 +225,132 @@ def accumulate(probs, slot_pos, query_pos, scores, counts, last, group_reduce="m
 
 
 # ----------------------------------------------------------------------------------------------
-# decode_attention
+# attention: decode_attention (one query per row) and block_attention (a chunk of Q queries)
+
+
+def _check_features(op, Hq, device, window, softcap, sinks):
+    """window >= 0 (0 = off), softcap >= 0 and not NaN (0 = off), sinks None or float32 [Hq]."""
+    if isinstance(window, bool) or not isinstance(window, int):
+        _fail(op, f"window must be an int, got window={window!r}")
+    if window < 0:
+        _fail(op, f"window must be >= 0 (0 = no sliding window), got window={window}")
+    if isinstance(softcap, int) and not isinstance(softcap, bool):
+        softcap = float(softcap)
+    if not isinstance(softcap, float) or not softcap >= 0 or math.isinf(softcap):
+        _fail(op, f"softcap must be a finite float >= 0 (0 = no soft-capping), got "
+                  f"softcap={softcap!r}")
+    if sinks is not None:
+        _check(op, "sinks", sinks, "[Hq]", (Hq,), (torch.float32,), device)
+
+
+def _visible(slot_pos_bh: Tensor, qp: int, window: int) -> Tensor:
+    """Held slots the query at position qp sees: slot_pos <= qp and, with a window, qp - slot_pos
+    < window (transformers' sliding window: kv_idx > q_idx - sliding_window)."""
+    vis = (slot_pos_bh >= 0) & (slot_pos_bh <= qp)
+    if window > 0:
+        vis = vis & (qp - slot_pos_bh < window)
+    return vis
+
+
+def _attend(q, k, v, visible, scale, softcap, sink):
+    """Softmax attention of one query over the visible rows of k, v, in float32.
+
+    logits = scale * k q; with softcap c > 0: c * tanh(logits / c); with a sink s (GPT-OSS
+    s_aux): one extra logit in the normaliser only, so the probabilities sum to less than 1.
+    Returns (p [C], 0 outside `visible`; out [D])."""
+    logits = (k.float() @ q.float()) * scale
+    if softcap > 0:
+        logits = softcap * torch.tanh(logits / softcap)
+    logits = logits.masked_fill(~visible, float("-inf"))
+    if sink is None:
+        p = torch.softmax(logits, dim=0)
+    else:
+        p = torch.softmax(torch.cat([logits, sink.float().reshape(1)]), dim=0)[:-1]
+    return p, p @ v.float()
+
+
+def _attention(op, query, keys, values, slot_pos, query_pos, scores, counts, last, scale,
+               group_reduce, window, softcap, sinks):
+    """block_attention on query [B, Hq, Q, D], query_pos [B, Q]; returns the float32 output."""
+    B, H, C, D = _check_state(op, keys, values, scores, counts, last, slot_pos)
+    Hq, Q = query.shape[1], query.shape[2]
+    _check(op, "query", query, "[B, Hq, Q, D]", (B, Hq, Q, D), (keys.dtype,), keys.device)
+    _check(op, "query_pos", query_pos, "[B, Q]", (B, Q), (torch.int64,), keys.device)
+    _check_group(op, Hq, H, group_reduce)
+    _check_features(op, Hq, keys.device, window, softcap, sinks)
+    G = Hq // H
+
+    res = torch.zeros(B, Hq, Q, D, dtype=torch.float32, device=query.device)
+    probs = torch.zeros(B, Hq, Q, C, dtype=torch.float32, device=query.device)
+    for b in range(B):
+        for q in range(Q):
+            qp = int(query_pos[b, q])
+            if qp < 0:  # padding query: zero output, no statistics
+                continue
+            for hq in range(Hq):
+                h = hq // G
+                visible = _visible(slot_pos[b, h], qp, window)
+                if not bool(visible.any()):  # sees nothing: zero output and probabilities
+                    continue
+                sink = None if sinks is None else sinks[hq]
+                probs[b, hq, q], res[b, hq, q] = _attend(query[b, hq, q], keys[b, h],
+                                                         values[b, h], visible, scale, softcap,
+                                                         sink)
+    # the statistics are exactly accumulate's with these probabilities
+    accumulate(probs, slot_pos, query_pos, scores, counts, last, group_reduce)
+    return res
 
 
 def decode_attention(query, keys, values, slot_pos, query_pos, scores, counts, last, scale,
-                     group_reduce="mean") -> Tensor:
+                     group_reduce="mean", *, window=0, softcap=0.0, sinks=None,
+                     out=None) -> Tensor:
     """Single-query attention over the visible held slots; statistics as ``accumulate`` with Q = 1.
 
     A padding row (``query_pos == -1``) gets ``out = 0`` and no statistics. A valid row that sees
-    no slot at all also gets ``out = 0`` (all its probabilities are 0).
+    no slot at all also gets ``out = 0`` (all its probabilities are 0). ``window``, ``softcap`` and
+    ``sinks`` as in ``block_attention``; ``out`` (optional, ``[B, Hq, D]``, dtype of query) is
+    written and returned.
     """
     op = "decode_attention"
     B, H, C, D = _check_state(op, keys, values, scores, counts, last, slot_pos)
     _check(op, "query", query, "[B, Hq, D]")
-    Hq = query.shape[1]
-    _check(op, "query", query, "[B, Hq, D]", (B, Hq, D), (keys.dtype,), keys.device)
+    _check(op, "query", query, "[B, Hq, D]", (B, query.shape[1], D), (keys.dtype,), keys.device)
     _check(op, "query_pos", query_pos, "[B]", (B,), (torch.int64,), keys.device)
-    _check_group(op, Hq, H, group_reduce)
-    G = Hq // H
+    if out is not None:
+        _check(op, "out", out, "[B, Hq, D]", query.shape, (query.dtype,), query.device)
+    res = _attention(op, query[:, :, None], keys, values, slot_pos, query_pos[:, None], scores,
+                     counts, last, scale, group_reduce, window, softcap, sinks)[:, :, 0]
+    if out is None:
+        return res.to(query.dtype)
+    _store(out, res)
+    return out
 
-    out = torch.zeros(B, Hq, D, dtype=torch.float32, device=query.device)
-    probs = torch.zeros(B, Hq, 1, C, dtype=torch.float32, device=query.device)
-    for b in range(B):
-        qp = int(query_pos[b])
-        if qp < 0:
-            continue
-        for hq in range(Hq):
-            h = hq // G
-            visible = (slot_pos[b, h] >= 0) & (slot_pos[b, h] <= qp)
-            if not bool(visible.any()):
-                continue
-            logits = (keys[b, h].float() @ query[b, hq].float()) * scale
-            logits = logits.masked_fill(~visible, float("-inf"))
-            p = torch.softmax(logits, dim=0)
-            probs[b, hq, 0] = p
-            out[b, hq] = p @ values[b, h].float()
-    accumulate(probs, slot_pos, query_pos[:, None], scores, counts, last, group_reduce)
-    return out.to(query.dtype)
+
+def block_attention(query, keys, values, slot_pos, query_pos, scores, counts, last, scale,
+                    group_reduce="mean", *, window=0, softcap=0.0, sinks=None,
+                    out=None) -> Tensor:
+    """Attention of a chunk of queries ``[B, Hq, Q, D]`` (positions ``[B, Q]``, -1 = padding) over
+    the held slots, updating the statistics exactly as ``accumulate`` with these probabilities.
+
+    Query ``q`` sees the held slots with ``slot_pos <= query_pos[b, q]`` and, if ``window > 0``,
+    ``query_pos - slot_pos < window``; ``softcap > 0``: ``logit = softcap * tanh(logit /
+    softcap)``; ``sinks`` (float32 ``[Hq]``): one extra logit per query head in the normaliser.
+    A query that sees nothing (padding or nothing visible) gets zeros. Returns ``out``
+    ``[B, Hq, Q, D]`` in the query dtype (the given ``out`` if any, written in place).
+    """
+    op = "block_attention"
+    B, H, C, D = _check_state(op, keys, values, scores, counts, last, slot_pos)
+    _check(op, "query", query, "[B, Hq, Q, D]")
+    _check(op, "query", query, "[B, Hq, Q, D]", (B, *query.shape[1:3], D), (keys.dtype,),
+           keys.device)
+    if out is not None:
+        _check(op, "out", out, "[B, Hq, Q, D]", query.shape, (query.dtype,), query.device)
+    res = _attention(op, query, keys, values, slot_pos, query_pos, scores, counts, last, scale,
+                     group_reduce, window, softcap, sinks)
+    if out is None:
+        return res.to(query.dtype)
+    _store(out, res)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,7 +457,8 @@ def _drop(scores_bh, counts_bh, last_bh, slot_pos_bh, j: int) -> None:
 
 def _compress_one(values_bh, scores_bh, counts_bh, last_bh, slot_pos_bh, b, h, budget, sinks,
                   recent, policy, cam_window, seed) -> None:
-    """Algorithm 1 for one (batch, head): remove one token at a time until the budget holds."""
+    """Algorithm 1 for one (batch, head): remove one token at a time until the budget holds.
+    ``h`` is the global KV head index (CaM's draw)."""
     while True:
         pos = slot_pos_bh.tolist()
         order = sorted((c for c in range(len(pos)) if pos[c] >= 0), key=lambda c: pos[c])
@@ -395,8 +485,9 @@ def _compress_one(values_bh, scores_bh, counts_bh, last_bh, slot_pos_bh, b, h, b
 
 
 def compress(keys, values, scores, counts, last, slot_pos, budget, sinks, recent, policy,
-             cam_window=16, seed=0) -> None:
-    """Remove tokens of every (b, h) until at most ``budget`` are held (docs/design.md)."""
+             cam_window=16, seed=0, head_offset=0) -> None:
+    """Remove tokens of every (b, h) until at most ``budget`` are held (docs/design.md).
+    CaM's draw for KV head ``h`` uses the global head index ``head_offset + h``."""
     op = "compress"
     _check_state(op, keys, values, scores, counts, last, slot_pos)
     if sinks < 0:
@@ -408,10 +499,13 @@ def compress(keys, values, scores, counts, last, slot_pos, budget, sinks, recent
                   f"recent={recent}")
     if cam_window < 1:
         _fail(op, f"cam_window must be >= 1, got cam_window={cam_window}")
+    if head_offset < 0:
+        _fail(op, f"head_offset must be >= 0 (the global index of this shard's first KV head), "
+                  f"got head_offset={head_offset}")
     if policy not in POLICIES:
         _fail(op, f"policy must be one of {POLICIES}, got {policy!r}")
     B, H = keys.shape[:2]
     for b in range(B):
         for h in range(H):
             _compress_one(values[b, h], scores[b, h], counts[b, h], last[b, h], slot_pos[b, h],
-                          b, h, budget, sinks, recent, policy, cam_window, seed)
+                          b, head_offset + h, budget, sinks, recent, policy, cam_window, seed)

@@ -296,7 +296,7 @@ class RowCompressor {
       for (int64_t i = 0; i < m; ++i) sum = wkv_add(sum, avg(s_.window[i]));
       const float mean = wkv_div(sum, static_cast<float>(m));
       const float prob = cam_probability(avg(j), mean);
-      const float u = cam_uniform(p_.seed, b_, h_, slot_pos(j));
+      const float u = cam_uniform(p_.seed, b_, p_.head_offset + h_, slot_pos(j));
       if (u < prob)
         for (int64_t i = 0; i < m; ++i)
           cam_add_row<T>(value_row(j), value_row(s_.window[i]), c_.D, vs, vs, m);
@@ -314,9 +314,10 @@ class RowCompressor {
 void compress_cpu(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& scores,
                   const at::Tensor& counts, const at::Tensor& last, const at::Tensor& slot_pos,
                   int64_t budget, int64_t sinks, int64_t recent, c10::string_view policy,
-                  int64_t cam_window, int64_t seed) {
+                  int64_t cam_window, int64_t seed, int64_t head_offset) {
   const CompressParams p = host::prepare_compress(keys, values, scores, counts, last, slot_pos,
-                                                  budget, sinks, recent, policy, cam_window, seed);
+                                                  budget, sinks, recent, policy, cam_window, seed,
+                                                  head_offset);
   const int64_t rows = int64_t(p.cache.B) * p.cache.H;
   if (rows == 0 || p.cache.C == 0) return;
   WKV_DISPATCH_FLOAT_TYPES(keys.scalar_type(), "compress", [&] {

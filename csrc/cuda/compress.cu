@@ -292,7 +292,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       }
       if (m > 0) {
         const float prob = cam_probability(avg(j), wkv_div(sum, static_cast<float>(m)));
-        if (cam_uniform(p.seed, b, h, pj) < prob) {
+        if (cam_uniform(p.seed, b, p.head_offset + h, pj) < prob) {
           const float fm = static_cast<float>(m);
           for (int s = tid; s < C; s += nthreads) {
             const int64_t q = wpos[s];
@@ -322,9 +322,10 @@ __global__ void __launch_bounds__(kMaxThreads)
 void compress_cuda(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& scores,
                    const at::Tensor& counts, const at::Tensor& last, const at::Tensor& slot_pos,
                    int64_t budget, int64_t sinks, int64_t recent, c10::string_view policy,
-                   int64_t cam_window, int64_t seed) {
+                   int64_t cam_window, int64_t seed, int64_t head_offset) {
   const CompressParams p = host::prepare_compress(keys, values, scores, counts, last, slot_pos,
-                                                  budget, sinks, recent, policy, cam_window, seed);
+                                                  budget, sinks, recent, policy, cam_window, seed,
+                                                  head_offset);
   const int64_t rows = int64_t(p.cache.B) * p.cache.H;
   if (rows == 0 || p.cache.C == 0) return;
   TORCH_CHECK(rows <= INT32_MAX, "compress: too many (batch, head) rows: B*H=", rows);

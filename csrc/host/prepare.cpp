@@ -1,4 +1,4 @@
-// prepare.cpp: validation + params packing for all four ops (see prepare.h).
+// prepare.cpp: validation + params packing for all the ops (see prepare.h).
 #include "prepare.h"
 
 #include <ATen/MemoryOverlap.h>
@@ -82,7 +82,7 @@ using Named = std::pair<const char*, const at::Tensor*>;
 // True if a and b certainly share memory: the same tensor, the same first element, or (both
 // dense) overlapping byte ranges. Interleaved non-dense views of one buffer are accepted.
 bool shares_memory(const at::Tensor& a, const at::Tensor& b) {
-  if (a.numel() == 0 || b.numel() == 0) return false;
+  if (!a.defined() || !b.defined() || a.numel() == 0 || b.numel() == 0) return false;
   if (a.is_same(b) || a.data_ptr() == b.data_ptr()) return true;
   const at::MemOverlapStatus s = at::get_overlap_status(a, b);
   return s == at::MemOverlapStatus::Full || s == at::MemOverlapStatus::Partial;
@@ -156,7 +156,7 @@ std::array<int64_t, 4> check_cache(const char* op, const at::Tensor& keys,
   return {B, H, C, D};
 }
 
-// Pointers + strides of keys/values (CacheParams, DecodeParams).
+// Pointers + strides of keys/values (CacheParams, AttentionParams).
 template <class P>
 void pack_kv(P& p, const at::Tensor& keys, const at::Tensor& values) {
   p.keys = keys.data_ptr();
@@ -165,7 +165,7 @@ void pack_kv(P& p, const at::Tensor& keys, const at::Tensor& values) {
   p.values_st = st4(values);
 }
 
-// Pointers + strides of slot_pos and the stats (CacheParams, AccumulateParams, DecodeParams).
+// Pointers + strides of slot_pos and the stats (CacheParams, AccumulateParams, AttentionParams).
 template <class P>
 void pack_stats(P& p, const at::Tensor& slot_pos, const at::Tensor& scores,
                 const at::Tensor& counts, const at::Tensor& last) {
@@ -289,9 +289,10 @@ CompressParams prepare_compress(const at::Tensor& keys, const at::Tensor& values
                                 const at::Tensor& scores, const at::Tensor& counts,
                                 const at::Tensor& last, const at::Tensor& slot_pos,
                                 int64_t budget, int64_t sinks, int64_t recent,
-                                c10::string_view policy_name, int64_t cam_window, int64_t seed) {
+                                c10::string_view policy_name, int64_t cam_window, int64_t seed,
+                                int64_t head_offset) {
   const char* op = "compress";
-  check_cache(op, keys, values, scores, counts, last, slot_pos);
+  const int64_t H = check_cache(op, keys, values, scores, counts, last, slot_pos)[1];
   TORCH_CHECK(sinks >= 0, op, ": sinks must be >= 0, got sinks=", sinks);
   TORCH_CHECK(recent >= 0, op, ": recent must be >= 0, got recent=", recent);
   // budget > sinks + recent, written so that huge sinks/recent cannot overflow int64
@@ -299,6 +300,10 @@ CompressParams prepare_compress(const at::Tensor& keys, const at::Tensor& values
               ": budget must exceed sinks + recent, got budget=", budget, ", sinks=", sinks,
               ", recent=", recent);
   TORCH_CHECK(cam_window >= 1, op, ": cam_window must be >= 1, got cam_window=", cam_window);
+  TORCH_CHECK(head_offset >= 0, op, ": head_offset must be >= 0 (the global index of this "
+              "shard's first KV head), got head_offset=", head_offset);
+  TORCH_CHECK(head_offset <= std::numeric_limits<int64_t>::max() - H, op,
+              ": head_offset + H must fit in int64, got head_offset=", head_offset);
   CompressParams p;
   const std::string policy(policy_name);
   TORCH_CHECK(plain_name(policy) && parse_policy(policy.c_str(), &p.policy), op,
@@ -311,14 +316,83 @@ CompressParams prepare_compress(const at::Tensor& keys, const at::Tensor& values
   p.recent = recent;
   p.cam_window = cam_window;
   p.seed = seed;
+  p.head_offset = head_offset;
   return p;
 }
 
-DecodeParams prepare_decode(const at::Tensor& query, const at::Tensor& keys,
-                            const at::Tensor& values, const at::Tensor& slot_pos,
-                            const at::Tensor& query_pos, const at::Tensor& scores,
-                            const at::Tensor& counts, const at::Tensor& last, double scale,
-                            c10::string_view group_reduce, at::Tensor* out) {
+namespace {
+
+// The part of decode_attention and block_attention after the op-specific checks of query,
+// query_pos and out's shape: groups, scale, window, softcap, sinks, out's dtype, devices,
+// aliasing, then the params. query4 / query_pos2 / out4 are [B, Hq, Q, D] / [B, Q] views.
+AttentionParams prepare_attention(const char* op, const at::Tensor& query4,
+                                  const at::Tensor& keys, const at::Tensor& values,
+                                  const at::Tensor& slot_pos, const at::Tensor& query_pos2,
+                                  const at::Tensor& scores, const at::Tensor& counts,
+                                  const at::Tensor& last, double scale,
+                                  c10::string_view group_reduce, int64_t window, double softcap,
+                                  const std::optional<at::Tensor>& sinks, const at::Tensor& out4) {
+  const int64_t Hq = query4.size(1), H = keys.size(1);
+  check_dtype_of_keys(op, "query", query4, keys);
+  check_groups(op, Hq, H);
+  check_int32(op, "Hq", Hq);
+  check_int32(op, "Q", query4.size(2));
+  TORCH_CHECK(std::isfinite(static_cast<float>(scale)), op,
+              ": scale must be a finite float32 number, got scale=", scale);
+  TORCH_CHECK(window >= 0, op, ": window must be >= 0 (0 = no sliding window), got window=",
+              window);
+  TORCH_CHECK(softcap >= 0.0 && std::isfinite(static_cast<float>(softcap)), op,
+              ": softcap must be a finite float32 number >= 0 (0 = no soft-capping), got "
+              "softcap=", softcap);
+  const at::Tensor no_sinks;
+  const at::Tensor& sk = sinks.has_value() ? *sinks : no_sinks;
+  if (sk.defined())
+    check_tensor(op, "sinks", sk, {Hq}, "[Hq] (one logit per query head)", at::kFloat);
+  TORCH_CHECK(out4.scalar_type() == query4.scalar_type(), op,
+              ": out must have the dtype of query (", query4.scalar_type(), "), got ",
+              out4.scalar_type());
+  check_device(op, keys, "keys",
+               {{"query", &query4}, {"query_pos", &query_pos2}, {"out", &out4}});
+  if (sk.defined()) check_device(op, keys, "keys", {{"sinks", &sk}});
+  check_no_aliasing(op, {{"scores", &scores}, {"counts", &counts}, {"last", &last},
+                         {"out", &out4}},
+                    {{"query", &query4}, {"keys", &keys}, {"values", &values},
+                     {"slot_pos", &slot_pos}, {"query_pos", &query_pos2}, {"sinks", &sk}});
+
+  AttentionParams p;
+  p.reduce = parse_reduce_or_throw(op, group_reduce);
+  p.query = query4.data_ptr();
+  p.query_st = st4(query4);
+  pack_kv(p, keys, values);
+  pack_stats(p, slot_pos, scores, counts, last);
+  p.query_pos = query_pos2.data_ptr<int64_t>();
+  p.query_pos_st = st2(query_pos2);
+  p.out = out4.data_ptr();
+  p.out_st = st4(out4);
+  if (sk.defined()) {
+    p.sinks = sk.data_ptr<float>();
+    p.sinks_st = st1(sk);
+  }
+  p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
+  p.window = window;
+  p.B = static_cast<int>(keys.size(0));
+  p.H = static_cast<int>(H);
+  p.G = groups(Hq, H);
+  p.Q = static_cast<int>(query4.size(2));
+  p.C = static_cast<int>(keys.size(2));
+  p.D = static_cast<int>(keys.size(3));
+  return p;
+}
+
+}  // namespace
+
+AttentionParams prepare_decode(const at::Tensor& query, const at::Tensor& keys,
+                               const at::Tensor& values, const at::Tensor& slot_pos,
+                               const at::Tensor& query_pos, const at::Tensor& scores,
+                               const at::Tensor& counts, const at::Tensor& last, double scale,
+                               c10::string_view group_reduce, int64_t window, double softcap,
+                               const std::optional<at::Tensor>& sinks, const at::Tensor& out) {
   const char* op = "decode_attention";
   const auto [B, H, C, D] = check_cache(op, keys, values, scores, counts, last, slot_pos);
   check_rank(op, "query", query, 3, "[B, Hq, D]");
@@ -327,34 +401,34 @@ DecodeParams prepare_decode(const at::Tensor& query, const at::Tensor& keys,
               ": query must have shape [B, Hq, D] with B = ", B, " and D = ", D,
               " (from keys), got ", query.sizes());
   check_dtype_of_keys(op, "query", query, keys);
-  check_groups(op, Hq, H);
   check_tensor(op, "query_pos", query_pos, {B}, "[B]", at::kLong);
-  check_device(op, keys, "keys", {{"query", &query}, {"query_pos", &query_pos}});
-  check_int32(op, "Hq", Hq);
-  TORCH_CHECK(std::isfinite(static_cast<float>(scale)), op,
-              ": scale must be a finite float32 number, got scale=", scale);
-  check_no_aliasing(op, {{"scores", &scores}, {"counts", &counts}, {"last", &last}},
-                    {{"query", &query}, {"keys", &keys}, {"values", &values},
-                     {"slot_pos", &slot_pos}, {"query_pos", &query_pos}});
+  TORCH_CHECK(out.defined(), op, ": out is undefined");
+  check_shape(op, "out", out, {B, Hq, D}, "[B, Hq, D] (the shape of query)");
+  // the Q = 1 views (no copies)
+  return prepare_attention(op, query.unsqueeze(2), keys, values, slot_pos, query_pos.unsqueeze(1),
+                           scores, counts, last, scale, group_reduce, window, softcap, sinks,
+                           out.unsqueeze(2));
+}
 
-  DecodeParams p;
-  p.reduce = parse_reduce_or_throw(op, group_reduce);
-  *out = at::empty({B, Hq, D}, query.options());
-  p.query = query.data_ptr();
-  p.query_st = st3(query);
-  pack_kv(p, keys, values);
-  pack_stats(p, slot_pos, scores, counts, last);
-  p.query_pos = query_pos.data_ptr<int64_t>();
-  p.query_pos_st = st1(query_pos);
-  p.out = out->data_ptr();
-  p.out_st = st3(*out);
-  p.scale = static_cast<float>(scale);
-  p.B = static_cast<int>(B);
-  p.H = static_cast<int>(H);
-  p.G = groups(Hq, H);
-  p.C = static_cast<int>(C);
-  p.D = static_cast<int>(D);
-  return p;
+AttentionParams prepare_block(const at::Tensor& query, const at::Tensor& keys,
+                              const at::Tensor& values, const at::Tensor& slot_pos,
+                              const at::Tensor& query_pos, const at::Tensor& scores,
+                              const at::Tensor& counts, const at::Tensor& last, double scale,
+                              c10::string_view group_reduce, int64_t window, double softcap,
+                              const std::optional<at::Tensor>& sinks, const at::Tensor& out) {
+  const char* op = "block_attention";
+  const auto [B, H, C, D] = check_cache(op, keys, values, scores, counts, last, slot_pos);
+  check_rank(op, "query", query, 4, "[B, Hq, Q, D]");
+  const int64_t Hq = query.size(1), Q = query.size(2);
+  TORCH_CHECK(query.size(0) == B && query.size(3) == D, op,
+              ": query must have shape [B, Hq, Q, D] with B = ", B, " and D = ", D,
+              " (from keys), got ", query.sizes());
+  check_dtype_of_keys(op, "query", query, keys);
+  check_tensor(op, "query_pos", query_pos, {B, Q}, "[B, Q]", at::kLong);
+  TORCH_CHECK(out.defined(), op, ": out is undefined");
+  check_shape(op, "out", out, {B, Hq, Q, D}, "[B, Hq, Q, D] (the shape of query)");
+  return prepare_attention(op, query, keys, values, slot_pos, query_pos, scores, counts, last,
+                           scale, group_reduce, window, softcap, sinks, out);
 }
 
 }  // namespace wkv::host

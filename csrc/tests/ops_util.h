@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <optional>
 #include <string>
 #include <utility>
 
@@ -37,14 +38,16 @@ inline c10::TypedOperatorHandle<void(TR, TR, TR, TR, TR, TR, SV)>& accumulate_op
                       .typed<void(TR, TR, TR, TR, TR, TR, SV)>();
   return h;
 }
-using CompressSig = void(TR, TR, TR, TR, TR, TR, int64_t, int64_t, int64_t, SV, int64_t, int64_t);
+using CompressSig =
+    void(TR, TR, TR, TR, TR, TR, int64_t, int64_t, int64_t, SV, int64_t, int64_t, int64_t);
 inline c10::TypedOperatorHandle<CompressSig>& compress_op() {
   static auto h = c10::Dispatcher::singleton()
                       .findSchemaOrThrow("weightedkv::compress", "")
                       .typed<CompressSig>();
   return h;
 }
-using DecodeSig = Tensor(TR, TR, TR, TR, TR, TR, TR, TR, double, SV);
+using OptT = const std::optional<Tensor>&;
+using DecodeSig = void(TR, TR, TR, TR, TR, TR, TR, TR, double, SV, int64_t, double, OptT, TR);
 inline c10::TypedOperatorHandle<DecodeSig>& decode_op() {
   static auto h = c10::Dispatcher::singleton()
                       .findSchemaOrThrow("weightedkv::decode_attention", "")
@@ -58,11 +61,14 @@ inline void append(State& st, TR nk, TR nv, TR npos) {
 inline void compress(State& st, int64_t budget, int64_t sinks, int64_t recent,
                      const std::string& policy, int64_t cam_window = 16, int64_t seed = 0) {
   compress_op().call(st.k, st.v, st.s, st.n, st.l, st.p, budget, sinks, recent, policy,
-                     cam_window, seed);
+                     cam_window, seed, /*head_offset=*/0);
 }
 inline Tensor decode(TR q, State& st, TR qpos, double scale,
                      const std::string& reduce = "mean") {
-  return decode_op().call(q, st.k, st.v, st.p, qpos, st.s, st.n, st.l, scale, reduce);
+  Tensor out = at::empty_like(q);
+  decode_op().call(q, st.k, st.v, st.p, qpos, st.s, st.n, st.l, scale, reduce, /*window=*/0,
+                   /*softcap=*/0.0, std::nullopt, out);
+  return out;
 }
 
 inline const char* const kPolicies[] = {"weightedkv", "evict", "h2o", "tova", "streaming", "cam"};
