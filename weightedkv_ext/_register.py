@@ -88,6 +88,9 @@ def install() -> None:
             pending[name] = register
     if not pending or any(isinstance(f, _Finder) for f in sys.meta_path):
         return
-    if importlib.util.find_spec("transformers") is None:  # finds, does not import
+    try:
+        if importlib.util.find_spec("transformers") is None:  # finds, does not import
+            return
+    except (ImportError, ValueError):  # a broken or blocked installation: nothing to register
         return
     sys.meta_path.insert(0, _Finder(pending))

@@ -283,7 +283,6 @@ class KVEngine:
 
     # -- the step ----------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def attend(self, query: Tensor, key: Tensor, value: Tensor, real: Tensor | None = None,
                positions: Tensor | None = None, scale: float | None = None, *, window=None,
                softcap=None, sink_logits=None, caller: str | None = None) -> Tensor:
@@ -303,13 +302,14 @@ class KVEngine:
         B, Hq, T, D = query.shape
         scale = D ** -0.5 if scale is None else float(scale)
         feats = (window, softcap, sink_logits)
-        saved = self._snapshot()
-        try:
-            self.window = window
-            out = self._step(query, key, value, real, positions, scale, feats)
-        except BaseException:
-            self._restore(saved)
-            raise
+        with torch.no_grad():  # inference only (checked above): nothing to record
+            saved = self._snapshot()
+            try:
+                self.window = window
+                out = self._step(query, key, value, real, positions, scale, feats)
+            except BaseException:
+                self._restore(saved)
+                raise
         self._window_fixed = True
         return out
 
