@@ -97,6 +97,8 @@ def test_policy_registry_agrees_with_the_reference_and_the_ops():
     assert set(policies.POLICIES) == set(policies.KERNEL_POLICIES) | {"full"}
     assert all(p.paper and p.display and p.removes for p in policies.TABLE)
     assert KVEngine(256).recent == policies.default_recent(256, 4) == 124
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        assert policies.markdown_table() in f.read()  # the README's table is the registry's
 
 
 # -- storage -------------------------------------------------------------------------------------
