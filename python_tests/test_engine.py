@@ -112,6 +112,17 @@ def test_huge_budget_grows_with_the_tokens_held():
     assert big.memory_bytes() < 100_000 and big.held_tokens().eq(32).all()
 
 
+def test_huge_budget_cache_allocates_only_what_it_holds():
+    model = tiny_llama().requires_grad_(False)
+    ids = torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(2))
+    huge = weightedkv_ext.WeightedKVCache(budget=10 ** 9, chunk_size=np.int64(128))
+    with torch.no_grad():
+        got = model(ids, **huge.as_kwargs()).logits
+        want = model(ids, **weightedkv_ext.WeightedKVCache(budget=64).as_kwargs()).logits
+    assert torch.equal(got, want)
+    assert huge.memory_bytes() < 2 ** 20 and huge.held_tokens().eq(30).all()
+
+
 def test_integer_like_arguments_are_accepted():
     e = KVEngine(budget=np.int64(16), sinks=np.int32(2), chunk_size=np.int64(4))
     assert (e.budget, e.sinks, e.recent, e.chunk_size) == (16, 2, 6, 4)
