@@ -93,7 +93,10 @@ class WeightedKVLayer(CacheLayerMixin):
         self.pending = True
         # Hand-off: transformers passes the cache to update() but not to the attention function,
         # which receives only the module, the tensors update() returned and the forward kwargs;
-        # so the returned keys (a view, never the caller's tensor) carry their layer.
+        # so the returned keys (a view, never the caller's tensor) carry their layer. A lost
+        # hand-off (another attention implementation) leaves this layer pending: the next
+        # update() of any layer raises, naming it, before a later forward computes anything (the
+        # first forward's attention over its own new tokens is exact anyway).
         keys = key_states.view_as(key_states)
         keys._wkv_layer = self
         return keys, value_states
