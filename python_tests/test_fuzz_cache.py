@@ -100,4 +100,8 @@ def test_fuzz_cache_streams(data):
             sub = [x[b:b + 1, :, cols] for x in (q, k, v)]
             out_b = call(single, *sub, None)
             torch.testing.assert_close(out[b, cols], out_b[0], rtol=1e-5, atol=1e-5)
-            assert torch.equal(single.layers[0].slot_pos[0], cache.layers[0].slot_pos[b])
+            # Same slots (capacities may differ: slots grow with the tokens held)
+            mine, theirs = single.layers[0].slot_pos[0], cache.layers[0].slot_pos[b]
+            n = min(mine.shape[-1], theirs.shape[-1])
+            assert torch.equal(mine[:, :n], theirs[:, :n])
+            assert (mine[:, n:] == -1).all() and (theirs[:, n:] == -1).all()

@@ -1,18 +1,25 @@
-"""WeightedKV: attention-score-weighted KV-cache merging for Hugging Face transformers.
+"""WeightedKV: attention-score-weighted KV-cache merging, for transformers and plain PyTorch.
 
-``import weightedkv_ext`` loads the compiled ops (``torch.ops.weightedkv.*``); the public names are
-``WeightedKVCache``, ``enable``, ``ops``, ``reference`` and ``models``.
+``import weightedkv_ext`` loads the compiled ops (``torch.ops.weightedkv.*``) and, when transformers
+is installed, registers the ``weightedkv`` attention as soon as transformers is imported (without
+importing it: see ``_register.py``). Two doors to one engine:
+
+* plain PyTorch: ``KVEngine`` (engine.py), one per attention layer, never imports transformers;
+* transformers: ``WeightedKVCache`` + ``enable(model)`` (or ``attn_implementation="weightedkv"``).
 """
 from __future__ import annotations
 
 import importlib
 
 from . import _loader  # noqa: F401  (loads the compiled library, registers torch.ops.weightedkv)
-from . import ops, reference  # noqa: F401
+from . import _register, ops, policies, reference  # noqa: F401
 
 __version__ = "0.1.0"
 
+_register.install()
+
 _LAZY = {
+    "KVEngine": ("engine", "KVEngine"),
     "WeightedKVCache": ("cache", "WeightedKVCache"),
     "POLICIES": ("cache", "POLICIES"),
     "enable": ("attention", "enable"),
@@ -30,4 +37,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'weightedkv_ext' has no attribute {name!r}")
 
 
-__all__ = ["WeightedKVCache", "POLICIES", "enable", "ops", "reference", "models", "data", "__version__"]
+__all__ = ["KVEngine", "WeightedKVCache", "POLICIES", "enable", "ops", "policies", "reference",
+           "models", "data", "__version__"]

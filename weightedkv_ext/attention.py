@@ -1,18 +1,19 @@
-"""The ``weightedkv`` attention implementation for transformers (AttentionInterface + mask).
+"""The ``weightedkv`` attention implementation for transformers: a short adapter to the engine.
 
-Plumbing (no process-wide state):
-
-* ``WeightedKVCache.update()`` returns the new keys tagged with their cache layer
-  (``key._wkv_layer``); the attention function below reads that tag.
+* ``WeightedKVCache.update()`` checks the new keys/values and returns the keys tagged with their
+  cache layer (cache.py says why a tag); the attention function below calls
+  ``layer.attend(query, key, value, mask, scaling, window=, softcap=, sink_logits=)``, where the
+  layer's ``KVEngine`` (engine.py) runs positions, chunking and append -> attention -> compress.
 * ``create_causal_mask`` calls the registered mask function ``weightedkv_mask`` with the 2-D
-  ``attention_mask`` (padding, e.g. generate()'s left padding); it returns a ``WeightedKVMask``
-  carrying which new tokens are real, per batch row. Causality is applied per slot from
+  ``attention_mask`` (padding); it returns a ``WeightedKVMask``: which new tokens are real per row
+  and how many cached columns the mask still calls real. Causality is applied per slot from
   ``slot_pos``, so no ``[queries x keys]`` mask is built.
-* Per chunk of ``chunk_size`` new tokens: ``append`` -> attention of the chunk's queries over the
-  slots (fused ``decode_attention`` for one query, else one float32 ``chunk x slots`` block and
-  ``accumulate``) -> ``compress`` to the budget. With padding, chunks are cut per row over its
-  real tokens only (``_row_chunks``), so each row is chunked as if it ran alone.
+* Every keyword transformers passes is either implemented (``scaling``, ``sliding_window``,
+  ``softcap``, ``s_aux``), checked to be harmless, or refused with an error naming it.
 * Untagged keys (another cache, or no cache) fall back to transformers' ``sdpa`` attention.
+
+Importing this module registers the function and the mask under ``"weightedkv"``; ``import
+weightedkv_ext`` arranges that as soon as transformers is imported (``_register.py``).
 """
 from __future__ import annotations
 
@@ -21,20 +22,32 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface, PreTrainedModel
 
+from .cache import WeightedKVCache
+
 NAME = "weightedkv"
+
+# Keywords transformers passes that do not change the attention of a causal decoder with our
+# positions (RoPE is applied before; the cache gives positions and padding).
+_HARMLESS = frozenset({"position_ids", "cache_position", "use_cache", "output_hidden_states",
+                       "return_dict", "num_items_in_batch", "output_router_logits",
+                       "token_type_ids", "layer_idx", "past_key_value", "position_embeddings"})
 
 
 class WeightedKVMask:
     """What the ``weightedkv`` mask function hands to the attention function.
 
     ``real``: bool ``[B, Q]`` (True = real token, False = padding) for the new tokens, or None when
-    every token is real. ``sdpa()`` builds the ordinary sdpa mask, for the fallback path only.
+    every token is real. ``past_real``: int64 ``[B]``, how many of the ``past_columns`` columns
+    before the new tokens the 2-D mask marks real (None: the mask covered only the new tokens).
+    ``sdpa()`` builds the ordinary sdpa mask, for the fallback path only.
     """
 
-    __slots__ = ("real", "_sdpa_kwargs", "_sdpa_mask")
+    __slots__ = ("real", "past_real", "past_columns", "_sdpa_kwargs", "_sdpa_mask")
 
-    def __init__(self, real: torch.Tensor | None, sdpa_kwargs: dict):
+    def __init__(self, real: torch.Tensor | None, sdpa_kwargs: dict | None,
+                 past_real: torch.Tensor | None = None, past_columns: int = 0):
         self.real = real
+        self.past_real, self.past_columns = past_real, past_columns
         self._sdpa_kwargs = sdpa_kwargs
         self._sdpa_mask = None
 
@@ -53,7 +66,7 @@ def weightedkv_mask(batch_size: int, q_length: int, kv_length: int, q_offset: in
                     kv_offset: int = 0, attention_mask: torch.Tensor | None = None,
                     **kwargs) -> WeightedKVMask:
     """Mask function registered under ``weightedkv`` (signature of transformers' ``sdpa_mask``)."""
-    real = None
+    real, past_real, past_columns = None, None, 0
     if attention_mask is not None:
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size \
                 or attention_mask.shape[1] < q_length:
@@ -63,136 +76,48 @@ def weightedkv_mask(batch_size: int, q_length: int, kv_length: int, q_offset: in
         real = attention_mask[:, -q_length:].to(torch.bool)
         if bool(real.all()):
             real = None
+        past_columns = attention_mask.shape[1] - q_length
+        if past_columns:
+            past_real = attention_mask[:, :past_columns].to(torch.bool).sum(1)
     sdpa_kwargs = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
                        q_offset=q_offset, kv_offset=kv_offset, attention_mask=attention_mask,
                        **kwargs)
-    return WeightedKVMask(real, sdpa_kwargs)
+    return WeightedKVMask(real, sdpa_kwargs, past_real, past_columns)
 
 
-def _block_attention(ops, layer, query, query_pos, scaling):
-    """Attention of ``Q`` queries over all slots: one float32 ``[G*Q, C]`` block per (b, KV head).
-
-    query ``[B, Hq, Q, D]``, query_pos int64 ``[B, Q]`` -> out ``[B, Hq, Q, D]`` (query dtype).
-    Query heads ``h*G .. h*G+G-1`` share KV head ``h`` (transformers' repeat_kv order), so the
-    queries are reshaped to ``[B, H, G*Q, D]`` instead of repeating K/V.
-    """
-    keys, values, scores, counts, last, slot_pos = layer.state
-    B, Hq, Q, D = query.shape
-    H, C = keys.shape[1], keys.shape[2]
-    G = Hq // H
-    q = query.reshape(B, H, G * Q, D).float()
-    logits = torch.matmul(q, keys.float().transpose(-1, -2)).mul_(scaling)  # [B, H, G*Q, C]
-    slots = slot_pos[:, :, None, :]  # [B, H, 1, C]
-    visible = (slots >= 0) & (slots <= query_pos[:, None, :, None])  # [B, H, Q, C]
-    logits.view(B, H, G, Q, C).masked_fill_(~visible[:, :, None], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    # A query that sees no slot (padding) gets all-zero probabilities instead of NaN.
-    sees_any = visible.any(-1)  # [B, H, Q]
-    probs.view(B, H, G, Q, C).masked_fill_(~sees_any[:, :, None, :, None], 0.0)
-    layer.peak_block = max(layer.peak_block, Q * C)
-    out = torch.matmul(probs, values.float())  # [B, H, G*Q, D]
-    ops.accumulate(probs.view(B, Hq, Q, C), slot_pos, query_pos, scores, counts, last,
-                   layer.cache.group_reduce)
-    return out.view(B, Hq, Q, D).to(query.dtype)
+def _check_kwargs(module, dropout, kwargs) -> None:
+    """Refuse what the weightedkv attention does not implement, naming it."""
+    if kwargs.get("output_attentions"):
+        raise ValueError("weightedkv attention: output_attentions=True is not supported (the "
+                         "attention weights over compressed slots are never materialised); "
+                         "call the model without output_attentions or use attn_implementation="
+                         "'eager' with a DynamicCache")
+    if kwargs.get("is_causal", True) is False:
+        raise ValueError("weightedkv attention: is_causal=False (bidirectional attention) is "
+                         "not supported; weightedkv serves causal decoders only")
+    if dropout and (module is None or module.training):
+        raise ValueError(f"weightedkv attention: dropout={dropout} is not supported (inference "
+                         "only); call model.eval()")
+    for name, value in kwargs.items():
+        if name in _HARMLESS or name in ("output_attentions", "is_causal") or value is None:
+            continue
+        raise TypeError(f"weightedkv attention: the model passed the attention keyword "
+                        f"{name}={_short(value)}, which weightedkv does not implement; results "
+                        "would be wrong, so the call is refused (use another attention "
+                        "implementation for this model)")
 
 
-def _positions(layer, real: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
-    """Absolute positions (among each row's real tokens) of the new tokens; -1 for padding."""
-    if real is None:
-        pos = layer.row_seen[:, None] + torch.arange(T, device=device)[None, :]
-        layer.row_seen += T
-        return pos
-    real = real.to(device)
-    pos = layer.row_seen[:, None] + real.long().cumsum(1) - 1
-    layer.row_seen += real.long().sum(1)
-    return pos.masked_fill(~real, -1)
+def _short(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"<tensor {tuple(value.shape)}>"
+    return f"{value!r:.60}"
 
 
-def _row_chunks(real: torch.Tensor, pos: torch.Tensor, S: int):
-    """Chunks of a padded call: yields ``(cols, qpos)``, int64 ``[B, w]`` each, ``w <= S``.
-
-    Chunk ``k`` holds, for every row ``b``, the columns of row ``b``'s real tokens with in-call
-    real index ``k*S .. k*S+S-1`` (any padding pattern), so a row is chunked exactly as the same
-    sequence run alone. A row with fewer real tokens is filled with its padding columns, whose
-    ``qpos`` (``pos`` gathered) is -1: never appended, never attended, no statistics.
-    ``real`` bool ``[B, T]``; ``pos`` int64 ``[B, T]`` from ``_positions`` (-1 at padding).
-    """
-    # Per row: the columns of its real tokens in order, then its padding columns.
-    order = torch.argsort((~real).to(torch.uint8), dim=1, stable=True)
-    n_real = int(real.sum(1).max())
-    for s in range(0, n_real, S):
-        cols = order[:, s:min(n_real, s + S)]
-        yield cols, pos.gather(1, cols)
-
-
-def _gather_tokens(x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``x[b, :, cols[b, i]]``: ``x`` ``[B, H, T, D]``, ``cols`` ``[B, w]`` -> ``[B, H, w, D]``."""
-    B, H, _, D = x.shape
-    return x.gather(2, cols[:, None, :, None].expand(B, H, cols.shape[1], D))
-
-
-def _chunk(layer, query, key, value, qpos, scaling):
-    """One chunk: append -> attention of its queries over the slots -> compress to the budget.
-
-    query ``[B, Hq, w, D]``, key/value ``[B, H, w, D]``, qpos int64 ``[B, w]`` (-1 = padding)
-    -> out ``[B, Hq, w, D]``.
-    """
-    cache, ops = layer.cache, layer.cache.ops
-    w = query.shape[2]
-    layer.reserve(w)
-    ops.append(*layer.state, key, value, qpos)
-    if w == 1:
-        keys, values, scores, counts, last, slot_pos = layer.state
-        out = ops.decode_attention(query[:, :, 0], keys, values, slot_pos, qpos[:, 0], scores,
-                                   counts, last, scaling, cache.group_reduce)[:, :, None]
-        layer.peak_block = max(layer.peak_block, layer.capacity)
-    else:
-        out = _block_attention(ops, layer, query, qpos, scaling)
-    if cache.policy != "full":
-        ops.compress(*layer.state, cache.budget, cache.sinks, cache.recent, cache.policy,
-                     cache.cam_window, cache.seed)
-    return out
-
-
-def _check_inputs(layer, query, key, value, attention_mask) -> None:
-    """Shapes, dtypes and the mask, checked before anything is written (append, row_seen)."""
-    B, H, _, D = layer.keys.shape
-    T = key.shape[2]
-    if attention_mask is not None and not isinstance(attention_mask, WeightedKVMask):
-        raise ValueError(
-            "weightedkv attention: expected the 2-D padding attention_mask (turned into a "
-            "WeightedKVMask by transformers), got a prepared mask of type "
-            f"{type(attention_mask).__name__} and shape "
-            f"{tuple(getattr(attention_mask, 'shape', ()))}; pass a 2-D attention_mask")
-    shape = tuple(query.shape)
-    if query.dim() != 4 or shape[0] != B:
-        raise ValueError(f"weightedkv attention: query must be [batch={B}, heads, {T} new tokens, "
-                         f"head_dim={D}], got query {shape}")
-    if shape[1] == 0 or shape[1] % H != 0:
-        raise ValueError(f"weightedkv attention: the number of query heads must be a positive "
-                         f"multiple of the {H} KV heads of layer {layer.layer_idx}, got query "
-                         f"{shape}")
-    if shape[3] != D:
-        raise ValueError(f"weightedkv attention: query head_dim must be {D} (the keys'), got "
-                         f"query {shape}")
-    if shape[2] != T:
-        raise ValueError(f"weightedkv attention: query must have {T} tokens (as many as the new "
-                         f"keys), got query {shape}")
-    if tuple(value.shape) != tuple(key.shape):
-        raise ValueError(f"weightedkv attention: value must have the keys' shape "
-                         f"{tuple(key.shape)}, got value {tuple(value.shape)}")
-    if query.dtype != layer.keys.dtype or query.device != layer.keys.device:
-        raise ValueError(f"weightedkv attention: query must be {layer.keys.dtype} on "
-                         f"{layer.keys.device} like the keys, got {query.dtype} on {query.device}")
-    real = attention_mask.real if attention_mask is not None else None
-    if real is not None and tuple(real.shape) != (B, T):
-        raise ValueError(f"weightedkv attention: padding mask has shape {tuple(real.shape)}, "
-                         f"expected [{B}, {T}]")
-
-
-def weightedkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                                 value: torch.Tensor, attention_mask, dropout: float = 0.0,
-                                 scaling: float | None = None, **kwargs):
+def weightedkv_attention_forward(module: torch.nn.Module | None, query: torch.Tensor,
+                                 key: torch.Tensor, value: torch.Tensor, attention_mask,
+                                 dropout: float = 0.0, scaling: float | None = None,
+                                 sliding_window: int | None = None, softcap: float | None = None,
+                                 s_aux: torch.Tensor | None = None, **kwargs):
     """Attention function registered under ``weightedkv`` (AttentionInterface signature).
 
     query ``[B, Hq, T, D]``, key/value ``[B, H, T, D]`` (the new tokens, tagged by the cache).
@@ -200,49 +125,68 @@ def weightedkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, k
     """
     layer = getattr(key, "_wkv_layer", None)
     if layer is None:  # not a WeightedKVCache (another cache, or none): plain sdpa semantics
-        if "cache" in kwargs and type(kwargs["cache"]).__name__ == "WeightedKVCache":
-            # A forward without a `cache` argument passes it down here untouched (transformers
-            # 5.23 only knows past_key_values=): the cache would be silently ignored.
-            raise TypeError("weightedkv attention: this model's forward() has no `cache=` "
-                            "argument; pass the WeightedKVCache as past_key_values=")
-        if isinstance(attention_mask, WeightedKVMask):
-            attention_mask = attention_mask.sdpa()
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    layer.pending = False
+        return _fallback(module, query, key, value, attention_mask, dropout, scaling,
+                         sliding_window, softcap, s_aux, kwargs)
     try:
-        _check_inputs(layer, query, key, value, attention_mask)
-    except ValueError:
-        layer.seen -= key.shape[2]  # undo update(): the cache is as before the call
+        _check_kwargs(module, dropout, kwargs)
+        if attention_mask is not None and not isinstance(attention_mask, WeightedKVMask):
+            raise ValueError(
+                "weightedkv attention: expected the 2-D padding attention_mask (turned into a "
+                "WeightedKVMask by transformers), got a prepared mask of type "
+                f"{type(attention_mask).__name__} and shape "
+                f"{tuple(getattr(attention_mask, 'shape', ()))}; pass a 2-D attention_mask")
+    except Exception:
+        layer.pending = False
+        layer.seen -= key.shape[2]  # undo update()
         raise
-    cache = layer.cache
-    B, Hq, T, D = query.shape
-    if scaling is None:
-        scaling = D ** -0.5
-    real = attention_mask.real if attention_mask is not None else None
-    pos = _positions(layer, real, B, T, query.device)
-    S = cache.chunk_size
-    if real is None:  # no padding: chunks are plain column slices
-        outs = [_chunk(layer, query[:, :, s:s + S], key[:, :, s:s + S], value[:, :, s:s + S],
-                       pos[:, s:s + S].contiguous(), scaling) for s in range(0, T, S)]
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-        return out.transpose(1, 2).contiguous(), None
-    # Padding: per-row chunks of real tokens (_row_chunks); outputs are scattered back to their
-    # columns, padding columns stay zero.
-    out = query.new_zeros(B, Hq, T, D)
-    for cols, qpos in _row_chunks(real.to(query.device), pos, S):
-        o = _chunk(layer, _gather_tokens(query, cols), _gather_tokens(key, cols),
-                   _gather_tokens(value, cols), qpos, scaling)
-        out.scatter_(2, cols[:, None, :, None].expand_as(o), o)  # zeros where qpos == -1
+    out = layer.attend(query, key, value, attention_mask, scaling, window=sliding_window or 0,
+                       softcap=softcap or 0.0, sink_logits=s_aux)
     return out.transpose(1, 2).contiguous(), None
 
 
+def _fallback(module, query, key, value, attention_mask, dropout, scaling, sliding_window,
+              softcap, s_aux, kwargs):
+    if isinstance(kwargs.get("cache"), WeightedKVCache):
+        # A forward without a `cache` argument passes it down here untouched (transformers
+        # 5.23 only knows past_key_values=): the cache would be silently ignored.
+        raise TypeError("weightedkv attention: this model's forward() has no `cache=` "
+                        "argument; pass the WeightedKVCache as past_key_values=")
+    if softcap or s_aux is not None:
+        raise ValueError(
+            "weightedkv attention: this model uses "
+            f"{'softcap' if softcap else 's_aux (attention sinks)'}, which the weightedkv "
+            "attention implements only with a WeightedKVCache; pass one (model(ids, "
+            "**WeightedKVCache(budget).as_kwargs())) or load the model with "
+            "attn_implementation='eager' to run it without")
+    if isinstance(attention_mask, WeightedKVMask):
+        attention_mask = attention_mask.sdpa()
+    # sdpa's mask already applies the sliding window, as for attn_implementation="sdpa".
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                  scaling=scaling, **kwargs)
+
+
 def enable(model):
-    """Switch a loaded transformers model to the ``weightedkv`` attention; returns the model."""
+    """Switch a loaded transformers model to the ``weightedkv`` attention; returns the model.
+
+    Refuses (with the reason) models the engine cannot serve exactly: encoder-decoders and
+    models whose value head dimension differs from the key head dimension (MLA).
+    """
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"enable: model must be a transformers PreTrainedModel (e.g. "
                         f"LlamaForCausalLM), got model={model!r:.100} of type "
                         f"{type(model).__name__}")
+    cfg = model.config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise ValueError(f"enable: {type(model).__name__} is an encoder-decoder model; weightedkv "
+                         "compresses the self-attention cache of decoder-only models (keep "
+                         "attn_implementation='sdpa' for this one)")
+    v_dim = getattr(text, "v_head_dim", None)
+    k_dim = getattr(text, "qk_head_dim", None) or getattr(text, "head_dim", None)
+    if v_dim is not None and k_dim is not None and v_dim != k_dim:
+        raise ValueError(f"enable: {type(model).__name__} has value head_dim {v_dim} != key "
+                         f"head_dim {k_dim} (multi-head latent attention); weightedkv needs "
+                         "one head_dim for keys and values")
     model.set_attn_implementation(NAME)
     if getattr(model.config, "_attn_implementation", None) != NAME:
         raise ValueError(
@@ -251,5 +195,10 @@ def enable(model):
     return model
 
 
-AttentionInterface.register(NAME, weightedkv_attention_forward)
-AttentionMaskInterface.register(NAME, weightedkv_mask)
+def register() -> None:
+    """Register the attention and its mask under ``"weightedkv"`` (idempotent)."""
+    AttentionInterface.register(NAME, weightedkv_attention_forward)
+    AttentionMaskInterface.register(NAME, weightedkv_mask)
+
+
+register()

@@ -1,16 +1,16 @@
-"""``WeightedKVCache``: a transformers ``Cache`` holding a fixed budget of KV slots per layer.
+"""``WeightedKVCache``: the transformers door to ``KVEngine`` (a ``Cache`` of one engine per layer).
 
-Each layer (``WeightedKVLayer``) owns the six slot tensors of docs/design.md and per-row counters.
-``update()`` only stashes the new (post-RoPE) keys/values and returns them tagged with the layer;
-the registered ``weightedkv`` attention function (attention.py) finds the layer through that tag and
-runs append -> attention -> compress chunk by chunk. Nothing is process-wide: two models with two
-caches can run in two threads.
+Each ``WeightedKVLayer`` wraps one ``engine.KVEngine``, which owns the slots and the whole
+append -> attention -> compress step. ``update()`` checks the new keys/values against the layer and
+hands them over; the registered ``weightedkv`` attention function (attention.py) then calls
+``layer.attend(query, key, value, mask, scaling, ...)``. Nothing is process-wide: two models with
+two caches can run in two threads.
 
 Use it with a model whose attention implementation is ``"weightedkv"``::
 
     model = weightedkv_ext.enable(model)  # or attn_implementation="weightedkv" at load time
     cache = WeightedKVCache(budget=256)
-    model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    model.generate(**inputs, **cache.as_kwargs(), max_new_tokens=64)
 """
 from __future__ import annotations
 
@@ -20,106 +20,121 @@ import torch
 from transformers import LlamaForCausalLM
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import attention as _attention  # noqa: F401  (registers the "weightedkv" attention + mask)
-from . import ops, reference
+from . import ops, policies, reference
+from .engine import BACKENDS, KVEngine  # noqa: F401  (BACKENDS re-exported)
 
 # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns until 5.40).
 _CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters \
     else "past_key_values"
 
-POLICIES = ops.POLICIES + ("full",)  # the engine's policies, plus no compression
-BACKENDS = ("ops", "reference")
-GROUP_REDUCES = ops.GROUP_REDUCES
+POLICIES = policies.KERNEL_POLICIES + ("full",)  # the engine's policies, plus no compression
+GROUP_REDUCES = policies.GROUP_REDUCES
 
 _ENABLE_HINT = ('call weightedkv_ext.enable(model) (or load the model with '
                 'attn_implementation="weightedkv")')
-
-
-def _fail(what: str, msg: str):
-    raise ValueError(f"WeightedKVCache: {what} {msg}")
-
-
-INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1  # the ops take int64 arguments
-
-
-def _check_int(name: str, value, minimum: int):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        _fail(name, f"must be an int >= {minimum}, got {name}={value!r}")
-    if value > INT64_MAX:
-        _fail(name, f"must be an int <= 2**63 - 1 (int64), got {name}={value!r}")
+_ENGINE_ARGS = ("budget", "sinks", "recent", "policy", "chunk_size", "cam_window", "seed",
+                "group_reduce", "backend")
 
 
 class WeightedKVLayer(CacheLayerMixin):
-    """One layer: the slots ``keys``, ``values``, ``scores``, ``counts``, ``last``, ``slot_pos``.
+    """One layer: a ``KVEngine`` plus transformers' bookkeeping.
 
     ``seen`` counts the columns (new tokens, padding included) this layer has received, which is
-    what transformers expects from ``get_seq_length``; ``row_seen[b]`` counts the real tokens of
-    row ``b`` and gives the absolute (RoPE) position of the next one.
+    what transformers expects from ``get_seq_length``; the engine's ``row_seen[b]`` counts the
+    real tokens of row ``b`` and gives the absolute (RoPE) position of the next one.
     """
 
     is_sliding = False
     is_compileable = False
     is_croppable = False
+    supports_early_init = False  # the storage is shaped by the first real call
 
-    def __init__(self, cache: "WeightedKVCache", layer_idx: int):
-        super().__init__()
+    def __init__(self, cache: "WeightedKVCache", layer_idx: int):  # noqa: D107
+        # CacheLayerMixin.__init__ is not called: keys/values/is_initialized are the engine's.
         self.cache = cache
         self.layer_idx = layer_idx
-        self._clear()
-
-    def _clear(self):
-        self.keys = self.values = self.scores = self.counts = self.last = self.slot_pos = None
-        self.row_seen = None
+        self.engine = KVEngine(**{a: getattr(cache, a) for a in _ENGINE_ARGS},
+                               name=f"WeightedKVCache: layer {layer_idx}",
+                               reset_hint="cache.reset()")
+        self.engine.ops = cache.ops  # the cache's op module (benchmarks time it via cache.ops)
         self.seen = 0
         self.pending = False  # True between update() and the attention function consuming it
-        self.peak_block = 0  # largest attention block built: queries x slots (per row, query head)
-        self.is_initialized = False
+
+    # The engine's storage, read-only (tests and tools inspect it).
+    keys = property(lambda self: self.engine.keys)
+    values = property(lambda self: self.engine.values)
+    scores = property(lambda self: self.engine.scores)
+    counts = property(lambda self: self.engine.counts)
+    last = property(lambda self: self.engine.last)
+    slot_pos = property(lambda self: self.engine.slot_pos)
+    row_seen = property(lambda self: self.engine.row_seen)
+    state = property(lambda self: self.engine.state)
+    capacity = property(lambda self: self.engine.capacity)
+    peak_block = property(lambda self: self.engine.peak_block)
+    is_initialized = property(lambda self: self.engine.is_initialized)
+
+    def __repr__(self):
+        return f"WeightedKVLayer({self.layer_idx}, {self.engine!r})"
 
     # -- transformers CacheLayerMixin API ------------------------------------------------------
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        B, H, _, D = key_states.shape
-        c = self.cache
-        capacity = c.chunk_size if c.policy == "full" else c.budget + c.chunk_size
-        self._allocate(B, H, capacity, D, key_states.dtype, key_states.device)
-        self.row_seen = torch.zeros(B, dtype=torch.int64, device=key_states.device)
-        self.is_initialized = True
-
-    def _allocate(self, B, H, C, D, dtype, device):
-        f32 = dict(dtype=torch.float32, device=device)
-        self.keys = torch.zeros(B, H, C, D, dtype=dtype, device=device)
-        self.values = torch.zeros(B, H, C, D, dtype=dtype, device=device)
-        self.scores = torch.zeros(B, H, C, **f32)
-        self.counts = torch.zeros(B, H, C, **f32)
-        self.last = torch.zeros(B, H, C, **f32)
-        self.slot_pos = torch.full((B, H, C), -1, dtype=torch.int64, device=device)
+        pass  # the engine allocates on its first attend(), sized by the tokens it holds
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Check the new keys/values (nothing is written) and hand them to the attention."""
         if self.pending:
             raise RuntimeError(
                 f"WeightedKVCache: layer {self.layer_idx} was updated twice without its attention "
                 f"running in between: the model does not use the 'weightedkv' attention; "
                 f"{_ENABLE_HINT}.")
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        B, H, _, D = self.keys.shape
-        shape = tuple(key_states.shape)
-        if shape[0] != B or shape[1] != H or shape[3] != D or tuple(value_states.shape) != shape:
-            raise ValueError(
-                f"WeightedKVCache: layer {self.layer_idx} holds batch={B}, kv_heads={H}, "
-                f"head_dim={D}, got key_states {shape} and value_states "
-                f"{tuple(value_states.shape)} "
-                "(call cache.reset() before reusing the cache for another batch)")
-        if key_states.dtype != self.keys.dtype or key_states.device != self.keys.device:
-            raise ValueError(
-                f"WeightedKVCache: layer {self.layer_idx} holds {self.keys.dtype} on "
-                f"{self.keys.device}, got key_states {key_states.dtype} on {key_states.device}")
-        self.seen += shape[2]
+        k, v = _autocast(key_states), _autocast(value_states)
+        self.engine.check_kv(k, v, names=("key_states", "value_states"))
+        self.seen += k.shape[2]
         self.pending = True
-        # Tag views (not the caller's tensors) with this layer: the attention function reads it.
-        keys, values = key_states.view_as(key_states), value_states.view_as(value_states)
+        # Hand-off: transformers passes the cache to update() but not to the attention function,
+        # which receives only the module, the tensors update() returned and the forward kwargs;
+        # so the returned keys (a view, never the caller's tensor) carry their layer. A lost
+        # hand-off (another attention implementation) leaves this layer pending: the next
+        # update() of any layer raises, naming it, before a later forward computes anything (the
+        # first forward's attention over its own new tokens is exact anyway).
+        keys = key_states.view_as(key_states)
         keys._wkv_layer = self
-        return keys, values
+        return keys, value_states
+
+    def attend(self, query, key, value, mask=None, scaling=None, *, window=None, softcap=None,
+               sink_logits=None) -> torch.Tensor:
+        """The attention step for the tokens of the last ``update()``: ``[B, Hq, T, D]``.
+
+        ``mask``: the ``WeightedKVMask`` of attention.py (or None). On any exception the layer
+        (engine included) is exactly as before ``update()``.
+        """
+        self.pending = False
+        try:
+            real = None
+            if mask is not None:
+                real = mask.real
+                self._check_cached_columns(mask, key.shape[2])
+            return self.engine.attend(query, key, value, real=real, scale=scaling,
+                                      window=window, softcap=softcap, sink_logits=sink_logits,
+                                      caller="weightedkv attention")
+        except BaseException:
+            self.seen -= key.shape[2]  # undo update(): the layer is as before the call
+            raise
+
+    def _check_cached_columns(self, mask, T: int) -> None:
+        """A 2-D attention_mask may not hide a token that is already cached (it cannot be
+        un-seen): the mask's ones over the cached columns must count each row's cached tokens."""
+        past = mask.past_real
+        if past is None or mask.past_columns != self.seen - T or not self.is_initialized:
+            return
+        if not torch.equal(past.to(self.row_seen.device), self.row_seen):
+            raise ValueError(
+                f"weightedkv attention: the attention_mask marks {past.tolist()} of the "
+                f"{mask.past_columns} cached columns as real per row, but layer {self.layer_idx} "
+                f"holds {self.row_seen.tolist()} real tokens per row: masking out (or "
+                "un-masking) a token after it was cached is not supported; keep the mask's "
+                "cached columns as they were (1 = real, 0 = padding) or start a new cache")
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # Only the sdpa fallback uses these sizes; the weightedkv attention masks by slot_pos.
@@ -132,7 +147,9 @@ class WeightedKVLayer(CacheLayerMixin):
         return -1  # any number of tokens can stream through a fixed budget
 
     def reset(self) -> None:
-        self._clear()
+        self.engine.reset()
+        self.seen = 0
+        self.pending = False
 
     def offload(self):
         raise NotImplementedError("WeightedKVCache does not support offloading")
@@ -143,62 +160,29 @@ class WeightedKVLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("WeightedKVCache cannot be cropped (compressed tokens are gone)")
 
-    def _index_batch(self, index: torch.Tensor) -> None:
-        if not self.is_initialized:
-            return
-        index = index.to(self.keys.device)
-        for name in ("keys", "values", "scores", "counts", "last", "slot_pos", "row_seen"):
-            setattr(self, name, getattr(self, name).index_select(0, index).contiguous())
-
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._index_batch(beam_idx)
+        self.engine.reorder(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._index_batch(torch.as_tensor(indices, dtype=torch.long))
+        self.engine.select(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            B = self.keys.shape[0]
-            self._index_batch(torch.arange(B).repeat_interleave(repeats))
-
-    # -- used by the attention function --------------------------------------------------------
-
-    @property
-    def state(self) -> tuple[torch.Tensor, ...]:
-        """The six slot tensors, in the argument order of the ops."""
-        return self.keys, self.values, self.scores, self.counts, self.last, self.slot_pos
-
-    @property
-    def capacity(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
-
-    def reserve(self, n_new: int) -> None:
-        """Make room for ``n_new`` tokens per row (``full`` grows by doubling; others fit)."""
-        if self.cache.policy != "full":
-            return  # compress keeps <= budget held, and budget + chunk_size slots are allocated
-        held = int((self.slot_pos >= 0).sum(-1).max())
-        if held + n_new <= self.capacity:
-            return
-        C = self.capacity
-        while held + n_new > C:
-            C *= 2
-        old = self.state
-        B, H, _, D = self.keys.shape
-        self._allocate(B, H, C, D, self.keys.dtype, self.keys.device)
-        n = old[0].shape[2]
-        for new_t, old_t in zip(self.state, old):
-            new_t[:, :, :n].copy_(old_t)
+        self.engine.repeat_interleave(repeats)
 
     def held_tokens(self) -> torch.Tensor:
         """Number of held tokens per (batch, KV head), int64 ``[B, H]``."""
-        if not self.is_initialized:
-            return torch.zeros(0, 0, dtype=torch.int64)
-        return (self.slot_pos >= 0).sum(-1)
+        return self.engine.held_tokens()
 
     def memory_bytes(self) -> int:
-        if not self.is_initialized:
-            return 0
-        return sum(t.numel() * t.element_size() for t in (*self.state, self.row_seen))
+        return self.engine.memory_bytes()
+
+
+def _autocast(t):
+    """Under ``torch.autocast`` the attention computes in the autocast dtype, like sdpa."""
+    if isinstance(t, torch.Tensor) and t.is_floating_point() \
+            and torch.is_autocast_enabled(t.device.type):
+        return t.to(torch.get_autocast_dtype(t.device.type))
+    return t
 
 
 class WeightedKVCache(Cache):
@@ -206,11 +190,15 @@ class WeightedKVCache(Cache):
 
     Args:
         budget: tokens held per head after each chunk (ignored by ``policy="full"``, may be None).
+            Slots grow with the tokens held, so a huge budget (e.g. ``10**9``) means "no
+            compression" without allocating it.
         sinks: the first tokens that are never removed (attention sinks).
         recent: the most recent tokens that are never removed; ``None`` -> ``budget // 2 - sinks``
             (the paper's rule).
-        policy: one of ``POLICIES``: ``weightedkv`` (the paper), ``evict`` (same choice, no merge),
-            ``h2o``, ``tova``, ``streaming``, ``cam`` or ``full`` (no compression).
+        policy: one of ``POLICIES`` (``weightedkv_ext.policies`` describes each): ``weightedkv``
+            (the paper), ``evict`` (same choice, no merge), ``h2o``, ``tova``, ``streaming``,
+            ``cam`` or ``full`` (no compression). Sliding-window layers (Mistral, Gemma2/3, ...)
+            keep exactly their window whatever the policy, so they stay exact.
         chunk_size: new tokens are processed (append -> attention -> compress) in chunks of this
             size, so a long prefill never materialises more than ``chunk_size x slots`` scores and
             the cache holds at most ``budget + chunk_size`` slots.
@@ -222,43 +210,20 @@ class WeightedKVCache(Cache):
         group_reduce: how the G query heads of a KV head are combined into one score
             (``mean``, ``sum`` or ``max``).
         backend: ``"ops"`` (compiled kernels, default) or ``"reference"`` (pure PyTorch, slow).
+
+    Integer arguments accept any integer-like value (``numpy.int64``), not bools.
     """
 
-    def __init__(self, budget: int | None, sinks: int = 4, recent: int | None = None,
-                 policy: str = "weightedkv", chunk_size: int = 128, cam_window: int = 16,
-                 seed: int = 0, group_reduce: str = "mean", backend: str = "ops"):
-        if policy not in POLICIES:
-            _fail("policy", f"must be one of {POLICIES}, got policy={policy!r}")
-        if backend not in BACKENDS:
-            _fail("backend", f"must be one of {BACKENDS}, got backend={backend!r}")
-        if group_reduce not in GROUP_REDUCES:
-            _fail("group_reduce",
-                  f"must be one of {GROUP_REDUCES}, got group_reduce={group_reduce!r}")
-        _check_int("chunk_size", chunk_size, 1)
-        _check_int("cam_window", cam_window, 1)
-        _check_int("sinks", sinks, 0)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            _fail("seed", f"must be an int, got seed={seed!r}")
-        if not INT64_MIN <= seed <= INT64_MAX:
-            _fail("seed", f"must be an int in [-2**63, 2**63 - 1] (int64), got seed={seed!r}")
-        if policy == "full" and budget is None:
-            recent = 0 if recent is None else recent
-            _check_int("recent", recent, 0)
-        else:
-            _check_int("budget", budget, 1)
-            if recent is None:
-                recent = budget // 2 - sinks
-                if recent < 0:
-                    _fail("recent", f"defaults to budget // 2 - sinks, which is negative for "
-                                    f"budget={budget}, sinks={sinks}; pass recent explicitly")
-            _check_int("recent", recent, 0)
-            if policy != "full" and budget <= sinks + recent:
-                _fail("budget", f"must exceed sinks + recent, got budget={budget}, sinks={sinks}, "
-                                f"recent={recent}")
+    def __init__(self, budget: int | None, sinks: int = policies.DEFAULT_SINKS,
+                 recent: int | None = None, policy: str = "weightedkv", chunk_size: int = 128,
+                 cam_window: int = 16, seed: int = 0, group_reduce: str = "mean",
+                 backend: str = "ops"):
+        # One set of rules: the engine validates (and resolves recent=None) for every layer.
+        proto = KVEngine(budget, sinks, recent, policy, chunk_size, cam_window, seed,
+                         group_reduce, backend, name="WeightedKVCache")
         super().__init__(layers=[])
-        self.budget, self.sinks, self.recent, self.policy = budget, sinks, recent, policy
-        self.chunk_size, self.cam_window, self.seed = chunk_size, cam_window, seed
-        self.group_reduce, self.backend = group_reduce, backend
+        for a in _ENGINE_ARGS:
+            setattr(self, a, getattr(proto, a))
         self._last_updated: WeightedKVLayer | None = None
 
     def __repr__(self):
@@ -283,8 +248,9 @@ class WeightedKVCache(Cache):
         while len(self.layers) <= layer_idx:
             self.layers.append(WeightedKVLayer(self, len(self.layers)))
         layer = self.layers[layer_idx]
+        keys, values = layer.update(key_states, value_states)
         self._last_updated = layer
-        return layer.update(key_states, value_states)
+        return keys, values
 
     def _check_layer_count(self, layer_idx: int, key_states: torch.Tensor) -> None:
         """Every forward updates layers 0, 1, ... with the same new tokens, so after its update

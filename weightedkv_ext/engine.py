@@ -1,0 +1,515 @@
+"""``KVEngine``: one layer's compressed KV cache and its attention, without transformers.
+
+The engine owns the six slot tensors of docs/design.md (``keys``, ``values``, ``scores``,
+``counts``, ``last``, ``slot_pos``) and the per-row position counters, and runs the whole step in
+one call::
+
+    engine = KVEngine(budget=256)              # one per attention layer
+    out = engine.attend(q, k, v, scale=D ** -0.5)  # q [B, Hq, T, D], k/v [B, H, T, D] post-RoPE
+
+``attend`` assigns each new token its absolute position (per row; padding = -1), cuts the call
+into chunks of ``chunk_size`` real tokens per row, and per chunk runs append -> attention of the
+chunk's queries over the held slots (statistics updated) -> compress to the budget. The
+transformers integration (``cache.py``) wraps one engine per layer; plain PyTorch code calls it
+directly (examples/plain_pytorch_decoder.py). This module never imports transformers.
+
+Guarantees:
+
+* every argument is checked before anything is written; after any exception (a bad argument, an
+  op failing, out of memory, an interrupt) the engine is exactly as before the call;
+* slots grow with the tokens actually held (amortised doubling up to ``budget + chunk_size``),
+  so ``budget=10**9`` means "no compression" without allocating 10**9 slots;
+* a cache filled under ``torch.inference_mode()`` keeps working outside it, and vice versa;
+* inference only: a call that would need gradients (grad mode on and an input requiring grad)
+  raises instead of returning outputs whose gradients would be wrong;
+* under ``torch.autocast`` the inputs are cast to the autocast dtype, as sdpa does.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+from torch import Tensor
+
+from . import policies
+
+BACKENDS = ("ops", "reference")
+
+
+def _index(owner: str, name: str, value, minimum: int) -> int:
+    return policies.as_int(owner, name, value, minimum)
+
+
+class KVEngine:
+    """One layer's compressed KV cache (see the module docstring).
+
+    Args:
+        budget: tokens held per (row, KV head) after each chunk (``policy="full"``: may be None).
+        sinks: the first tokens never removed. recent: the newest tokens never removed
+            (None: ``budget // 2 - sinks``). policy: one of ``policies.POLICIES``.
+        chunk_size: real tokens per row processed per append -> attention -> compress step.
+        cam_window, seed: CaM's merge window and random seed. group_reduce: how the G query heads
+            of a KV head make one score (``mean``, ``sum``, ``max``).
+        backend: ``"ops"`` (compiled kernels) or ``"reference"`` (pure PyTorch).
+        window: sliding-window attention (0 = off): a query at position p sees positions
+            ``> p - window``. Such a layer keeps exactly the window (StreamingLLM without sinks),
+            whatever the policy, so its outputs are exact.
+        softcap: logit soft-capping ``softcap * tanh(logit / softcap)`` (0 = off).
+        sink_logits: learned attention sinks (GPT-OSS ``s_aux``), float ``[Hq]``, or None.
+        name: how errors name this engine; reset_hint: what they tell the user to call.
+    """
+
+    transactional = True  # snapshot before mutating, restore on any exception
+
+    def __init__(self, budget, sinks=policies.DEFAULT_SINKS, recent=None, policy="weightedkv",
+                 chunk_size=128, cam_window=16, seed=0, group_reduce="mean", backend="ops", *,
+                 window=0, softcap=0.0, sink_logits=None, name="KVEngine",
+                 reset_hint="engine.reset()"):
+        self.name, self.reset_hint = name, reset_hint
+        self.budget, self.sinks, self.recent = policies.resolve(name, policy, budget, sinks,
+                                                                recent)
+        self.policy = policy
+        if backend not in BACKENDS:
+            raise ValueError(f"{name}: backend must be one of {BACKENDS}, got backend={backend!r}")
+        if group_reduce not in policies.GROUP_REDUCES:
+            raise ValueError(f"{name}: group_reduce must be one of {policies.GROUP_REDUCES}, "
+                             f"got group_reduce={group_reduce!r}")
+        self.chunk_size = _index(name, "chunk_size", chunk_size, 1)
+        self.cam_window = _index(name, "cam_window", cam_window, 1)
+        if isinstance(seed, bool) or not hasattr(seed, "__index__"):
+            raise ValueError(f"{name}: seed must be an int, got seed={seed!r}")
+        seed = seed.__index__()
+        if not -(2 ** 63) <= seed <= policies.INT64_MAX:
+            raise ValueError(f"{name}: seed must be an int in [-2**63, 2**63 - 1] (int64), "
+                             f"got seed={seed!r}")
+        self.seed, self.group_reduce, self.backend = seed, group_reduce, backend
+        self.window = self._check_window(window)
+        self.softcap = self._check_softcap(softcap)
+        self.sink_logits = sink_logits
+        self.ops = importlib.import_module(f".{backend}", __package__)
+        self.reset()
+
+    def __repr__(self):
+        feats = "".join(f", {k}={v}" for k, v in (("window", self.window),
+                                                   ("softcap", self.softcap)) if v)
+        return (f"KVEngine(budget={self.budget}, sinks={self.sinks}, recent={self.recent}, "
+                f"policy={self.policy!r}, chunk_size={self.chunk_size}, "
+                f"backend={self.backend!r}{feats}, held={self.capacity and self.max_held()})")
+
+    # -- state ---------------------------------------------------------------------------------
+
+    _TENSORS = ("keys", "values", "scores", "counts", "last", "slot_pos", "row_seen")
+
+    def reset(self) -> None:
+        """Forget every token (the storage is freed); the configuration is kept."""
+        self.keys = self.values = self.scores = self.counts = self.last = None
+        self.slot_pos = self.row_seen = None
+        self.seen = 0  # columns received (padding included)
+        self.peak_block = 0  # largest attention block built: queries x slots per (row, head)
+        self._window_fixed = False  # the window is part of the storage rule once tokens are held
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.keys is not None
+
+    @property
+    def state(self) -> tuple[Tensor, ...]:
+        """The six slot tensors, in the argument order of the ops."""
+        return self.keys, self.values, self.scores, self.counts, self.last, self.slot_pos
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def held_tokens(self) -> Tensor:
+        """Held tokens per (row, KV head), int64 ``[B, H]`` (``[0, 0]`` before the first call)."""
+        if not self.is_initialized:
+            return torch.zeros(0, 0, dtype=torch.int64)
+        return (self.slot_pos >= 0).sum(-1)
+
+    def max_held(self) -> int:
+        return int(self.held_tokens().max()) if self.is_initialized else 0
+
+    def memory_bytes(self) -> int:
+        """Bytes allocated: slot K/V, statistics, positions and the row counters."""
+        if not self.is_initialized:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (*self.state, self.row_seen))
+
+    # -- the storage rule ------------------------------------------------------------------------
+
+    def _compress_args(self):
+        """(budget, sinks, recent, policy) of compress, or None when nothing is compressed."""
+        if self.window:  # a sliding-window layer keeps exactly its window
+            return self.window, 0, 0, "streaming"
+        if self.policy == "full":
+            return None
+        return self.budget, self.sinks, self.recent, self.policy
+
+    def _limit(self) -> int | None:
+        """Slots never needed beyond this (budget + chunk); None = unbounded (``full``)."""
+        args = self._compress_args()
+        return None if args is None else args[0] + self.chunk_size
+
+    def _grown_capacity(self, n_new: int) -> int:
+        """The capacity needed to append ``n_new`` more tokens per row (>= the current one)."""
+        C, limit = self.capacity, self._limit()
+        if C and C == limit:
+            return C  # compress keeps <= budget held, so budget + chunk slots always suffice
+        held = self.max_held() if C else 0
+        need = held + n_new
+        if need <= C:
+            return C
+        new = max(need, 2 * C, 2 * self.chunk_size)  # amortised doubling
+        return new if limit is None else min(new, limit)
+
+    # -- validation (nothing is written) ---------------------------------------------------------
+
+    def _check_window(self, window) -> int:
+        window = 0 if window is None else window
+        return _index(self.name, "window", window, 0)
+
+    def _check_softcap(self, softcap) -> float:
+        softcap = 0.0 if softcap is None else softcap
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) \
+                or not math.isfinite(softcap) or softcap < 0:
+            raise ValueError(f"{self.name}: softcap must be a finite number >= 0 (0 = off), "
+                             f"got softcap={softcap!r}")
+        return float(softcap)
+
+    def check_kv(self, key: Tensor, value: Tensor, names=("key", "value")) -> None:
+        """Raise ValueError unless ``key``/``value`` fit this engine's storage (writes nothing)."""
+        kn, vn = names
+        for n, t in ((kn, key), (vn, value)):
+            if not isinstance(t, Tensor) or t.dim() != 4:
+                raise ValueError(f"{self.name}: {n} must be a 4-D tensor [batch, kv_heads, "
+                                 f"tokens, head_dim], got {n}={_describe(t)}")
+            if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                raise ValueError(f"{self.name}: {n} must be float32, float16 or bfloat16, got "
+                                 f"{n} {t.dtype}")
+        ks, vs = tuple(key.shape), tuple(value.shape)
+        if vs[3] != ks[3]:
+            raise ValueError(
+                f"{self.name}: {vn} head_dim ({vs[3]}) differs from the {kn} head_dim ({ks[3]}); "
+                "weightedkv needs one head_dim for keys and values (models whose value head "
+                "dimension differs, e.g. MLA / DeepSeek-V3, are not supported)")
+        if vs != ks:
+            raise ValueError(f"{self.name}: {vn} must have the {kn} shape {ks}, got {vn} {vs}")
+        if key.dtype != value.dtype or key.device != value.device:
+            raise ValueError(
+                f"{self.name}: {kn} and {vn} must share dtype and device, got {kn} {key.dtype} "
+                f"on {key.device} and {vn} {value.dtype} on {value.device} (under autocast they "
+                "are cast to the autocast dtype)")
+        if ks[0] == 0 or ks[1] == 0 or ks[3] == 0:
+            raise ValueError(f"{self.name}: {kn} must have batch, kv_heads and head_dim >= 1, "
+                             f"got {kn} {ks}")
+        if self.is_initialized:
+            B, H, _, D = self.keys.shape
+            if (ks[0], ks[1], ks[3]) != (B, H, D):
+                what = ("another batch size" if ks[0] != B else
+                        "another number of KV heads (another model)" if ks[1] != H else
+                        "another head_dim (another model)")
+                raise ValueError(
+                    f"{self.name} holds batch={B}, kv_heads={H}, head_dim={D}, got {kn} {ks}: "
+                    f"{what}; call {self.reset_hint} before reusing it")
+            if key.dtype != self.keys.dtype or key.device != self.keys.device:
+                raise ValueError(
+                    f"{self.name} holds {self.keys.dtype} on {self.keys.device}, got {kn} "
+                    f"{key.dtype} on {key.device}; call {self.reset_hint} before reusing it with "
+                    "another dtype or device")
+
+    def _check(self, caller, query, key, value, real, positions, window, softcap, sink_logits):
+        """Every check of ``attend``; returns the (possibly cast) inputs. Writes nothing."""
+        if not isinstance(query, Tensor) or query.dim() != 4:
+            raise ValueError(f"{caller}: query must be a 4-D tensor [batch, heads, tokens, "
+                             f"head_dim], got query={_describe(query)}")
+        if torch.is_grad_enabled() and any(
+                isinstance(t, Tensor) and t.requires_grad
+                for t in (query, key, value, sink_logits)):
+            raise RuntimeError(
+                f"{caller}: weightedkv is inference only (the cache keeps no autograd graph, so "
+                "gradients would be wrong); run the model under torch.no_grad() or "
+                "torch.inference_mode(), or freeze it with model.requires_grad_(False)")
+        device_type = query.device.type
+        if torch.is_autocast_enabled(device_type):  # like sdpa: compute in the autocast dtype
+            dtype = torch.get_autocast_dtype(device_type)
+            query, key, value = (t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point()
+                                 else t for t in (query, key, value))
+        self.check_kv(key, value)
+        B, H, T, D = key.shape
+        shape = tuple(query.shape)
+        if shape[0] != B:
+            raise ValueError(f"{caller}: query must be [batch={B}, heads, {T} new tokens, "
+                             f"head_dim={D}], got query {shape}")
+        if shape[1] == 0 or shape[1] % H != 0:
+            raise ValueError(f"{caller}: the number of query heads must be a positive multiple "
+                             f"of the {H} KV heads of {self.name}, got query {shape}")
+        if shape[3] != D:
+            raise ValueError(f"{caller}: query head_dim must be {D} (the keys'), got query "
+                             f"{shape}")
+        if shape[2] != T:
+            raise ValueError(f"{caller}: query must have {T} tokens (as many as the new keys), "
+                             f"got query {shape}")
+        if query.dtype != key.dtype or query.device != key.device:
+            raise ValueError(f"{caller}: query must be {key.dtype} on {key.device} like the "
+                             f"keys, got {query.dtype} on {query.device}")
+        if real is not None and positions is not None:
+            raise ValueError(f"{caller}: pass either real (a padding mask) or positions, "
+                             "not both")
+        if real is not None:
+            if not isinstance(real, Tensor) or tuple(real.shape) != (B, T):
+                raise ValueError(f"{caller}: padding mask has shape "
+                                 f"{tuple(getattr(real, 'shape', ()))}, expected [{B}, {T}]")
+            real = real.to(device=key.device, dtype=torch.bool)
+        if positions is not None:
+            if not isinstance(positions, Tensor) or tuple(positions.shape) != (B, T) \
+                    or positions.dtype != torch.int64:
+                raise ValueError(f"{caller}: positions must be an int64 tensor [{B}, {T}] "
+                                 f"(-1 = padding), got positions={_describe(positions)}")
+            positions = positions.to(key.device)
+        window = self.window if window is None else self._check_window(window)
+        if self._window_fixed and window != self.window:
+            raise ValueError(f"{caller}: {self.name} was filled with window={self.window}, got "
+                             f"window={window}; one engine serves one layer")
+        softcap = self.softcap if softcap is None else self._check_softcap(softcap)
+        sink_logits = self.sink_logits if sink_logits is None else sink_logits
+        if sink_logits is not None:
+            if not isinstance(sink_logits, Tensor) or tuple(sink_logits.shape) != (shape[1],):
+                raise ValueError(f"{caller}: sink_logits (s_aux) must be a tensor [{shape[1]}] "
+                                 f"(one logit per query head), got {_describe(sink_logits)}")
+            sink_logits = sink_logits.detach().to(device=key.device, dtype=torch.float32)
+        return query, key, value, real, positions, window, softcap, sink_logits
+
+    # -- the step ----------------------------------------------------------------------------------
+
+    def attend(self, query: Tensor, key: Tensor, value: Tensor, real: Tensor | None = None,
+               positions: Tensor | None = None, scale: float | None = None, *, window=None,
+               softcap=None, sink_logits=None, caller: str | None = None) -> Tensor:
+        """Append the new tokens, attend, compress; returns ``out [B, Hq, T, D]``.
+
+        query ``[B, Hq, T, D]``, key/value ``[B, H, T, D]`` (post-RoPE, Hq a multiple of H: query
+        heads ``h*G .. h*G+G-1`` share KV head ``h``). ``real`` bool ``[B, T]`` (False = padding;
+        positions then count real tokens per row) or ``positions`` int64 ``[B, T]`` (absolute,
+        -1 = padding); neither: every token is real and follows the row's previous ones.
+        ``scale``: logit scale (default ``D ** -0.5``). ``window``/``softcap``/``sink_logits``
+        override the constructor's for this call. Padding outputs are zero.
+        """
+        caller = caller or f"{self.name}.attend"
+        (query, key, value, real, positions, window, softcap,
+         sink_logits) = self._check(caller, query, key, value, real, positions, window, softcap,
+                                    sink_logits)
+        B, Hq, T, D = query.shape
+        scale = D ** -0.5 if scale is None else float(scale)
+        feats = (window, softcap, sink_logits)
+        with torch.no_grad():  # inference only (checked above): nothing to record
+            saved = self._snapshot()
+            try:
+                self.window = window
+                out = self._step(query, key, value, real, positions, scale, feats)
+            except BaseException:
+                self._restore(saved)
+                raise
+        self._window_fixed = True
+        return out
+
+    def _snapshot(self):
+        attrs = {n: getattr(self, n) for n in self._TENSORS}
+        attrs.update(seen=self.seen, peak_block=self.peak_block, window=self.window)
+        if self.transactional and self.is_initialized:
+            # The ops write in place: keep copies (replaced tensors need none, see _make_room).
+            self._clones = {n: t.clone() for n, t in attrs.items() if isinstance(t, Tensor)}
+        else:
+            self._clones = {}
+        return attrs
+
+    def _restore(self, saved) -> None:
+        clones = self._clones
+        for n, v in saved.items():
+            if isinstance(v, Tensor) and getattr(self, n) is v and n in clones:
+                v.copy_(clones[n])  # the same tensor was written in place: copy back
+            setattr(self, n, v)
+        self._clones = {}
+
+    def _own_tensors(self, like: Tensor) -> None:
+        """Make the state writable in the current mode: tensors created under inference_mode
+        cannot be written outside it, so they are copied once (as normal tensors) when needed."""
+        if not self.is_initialized or torch.is_inference_mode_enabled():
+            return
+        for n in self._TENSORS:
+            t = getattr(self, n)
+            if t.is_inference():
+                setattr(self, n, t.clone())
+
+    def _make_room(self, n_new: int, like: Tensor) -> None:
+        """Allocate or grow the slots for ``n_new`` more tokens per row (new tensors: the old
+        ones stay untouched, so a failure later in the call restores them as they were)."""
+        C = self._grown_capacity(n_new)
+        if C == self.capacity:
+            return
+        B, H, _, D = like.shape
+        dev = like.device
+        new = dict(
+            keys=torch.zeros(B, H, C, D, dtype=like.dtype, device=dev),
+            values=torch.zeros(B, H, C, D, dtype=like.dtype, device=dev),
+            scores=torch.zeros(B, H, C, dtype=torch.float32, device=dev),
+            counts=torch.zeros(B, H, C, dtype=torch.float32, device=dev),
+            last=torch.zeros(B, H, C, dtype=torch.float32, device=dev),
+            slot_pos=torch.full((B, H, C), -1, dtype=torch.int64, device=dev),
+        )
+        if self.is_initialized:
+            n = self.capacity
+            for name, t in new.items():
+                t[:, :, :n].copy_(getattr(self, name))
+        else:
+            self.row_seen = torch.zeros(B, dtype=torch.int64, device=dev)
+        for name, t in new.items():
+            setattr(self, name, t)
+
+    def _positions(self, real, positions, B, T, device) -> Tensor:
+        """Absolute positions of the new tokens (-1 = padding); advances ``row_seen``."""
+        if positions is not None:
+            top = positions.max(1).values + 1
+            self.row_seen = torch.maximum(self.row_seen, top)
+            return positions
+        if real is None:
+            pos = self.row_seen[:, None] + torch.arange(T, device=device)[None, :]
+            self.row_seen = self.row_seen + T
+            return pos
+        pos = self.row_seen[:, None] + real.long().cumsum(1) - 1
+        self.row_seen = self.row_seen + real.long().sum(1)
+        return pos.masked_fill(~real, -1)
+
+    def _step(self, query, key, value, real, positions, scale, feats) -> Tensor:
+        B, Hq, T, D = query.shape
+        if not self.is_initialized:
+            self._make_room(min(T, self.chunk_size), key)
+        self._own_tensors(key)
+        if positions is not None and bool((positions >= 0).all()):
+            pass  # every token real: plain column chunks, like real=None
+        elif positions is not None:
+            real = positions >= 0
+        pos = self._positions(real, positions, B, T, query.device)
+        self.seen += T
+        S = self.chunk_size
+        if real is None:  # no padding: chunks are plain column slices
+            outs = [self._chunk(query[:, :, s:s + S], key[:, :, s:s + S], value[:, :, s:s + S],
+                                pos[:, s:s + S].contiguous(), scale, feats)
+                    for s in range(0, T, S)]
+            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        # Padding: per-row chunks of real tokens (_row_chunks); outputs are scattered back to
+        # their columns, padding columns stay zero.
+        out = query.new_zeros(B, Hq, T, D)
+        for cols, qpos in _row_chunks(real, pos, S):
+            o = self._chunk(_gather_tokens(query, cols), _gather_tokens(key, cols),
+                            _gather_tokens(value, cols), qpos, scale, feats)
+            out.scatter_(2, cols[:, None, :, None].expand_as(o), o)  # zeros where qpos == -1
+        return out
+
+    def _chunk(self, query, key, value, qpos, scale, feats) -> Tensor:
+        """One chunk: append -> attention of its queries over the slots -> compress.
+
+        query ``[B, Hq, w, D]``, key/value ``[B, H, w, D]``, qpos int64 ``[B, w]`` (-1 = padding)
+        -> out ``[B, Hq, w, D]``.
+        """
+        self._make_room(query.shape[2], key)
+        self.ops.append(*self.state, key, value, qpos)
+        out = self._attention(query, qpos, scale, *feats)
+        args = self._compress_args()
+        if args is not None:
+            self.ops.compress(*self.state, *args, self.cam_window, self.seed)
+        return out
+
+    def _attention(self, query, qpos, scale, window, softcap, sink_logits) -> Tensor:
+        """Attention of the chunk's ``w`` queries over the held slots, statistics updated.
+
+        The one place attention is computed: the fused ``decode_attention`` op for one query and
+        no window/softcap/sinks, else torch (one float32 ``[G*w, C]`` block per (row, KV head),
+        then ``accumulate``). Query heads ``h*G .. h*G+G-1`` share KV head ``h`` (transformers'
+        repeat_kv order), so the queries are reshaped to ``[B, H, G*w, D]`` instead of repeating
+        K/V. A query that sees no slot (padding) gets zero output and adds no statistics.
+        """
+        keys, values, scores, counts, last, slot_pos = self.state
+        B, Hq, Q, D = query.shape
+        H, C = keys.shape[1], keys.shape[2]
+        G = Hq // H
+        plain = not window and not softcap and sink_logits is None
+        if Q == 1 and plain:
+            out = self.ops.decode_attention(query[:, :, 0], keys, values, slot_pos, qpos[:, 0],
+                                            scores, counts, last, scale,
+                                            self.group_reduce)[:, :, None]
+            self.peak_block = max(self.peak_block, C)
+            return out
+        q = query.reshape(B, H, G * Q, D).float()
+        logits = torch.matmul(q, keys.float().transpose(-1, -2)).mul_(scale)  # [B, H, G*Q, C]
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        slots = slot_pos[:, :, None, :]  # [B, H, 1, C]
+        qp = qpos[:, None, :, None]
+        visible = (slots >= 0) & (slots <= qp)  # [B, H, Q, C]
+        if window:
+            visible &= qp - slots < window
+        logits.view(B, H, G, Q, C).masked_fill_(~visible[:, :, None], float("-inf"))
+        if sink_logits is None:
+            probs = torch.softmax(logits, dim=-1)
+        else:  # one extra logit per query head in the normaliser only (GPT-OSS)
+            s = sink_logits.view(1, H, G, 1, 1).expand(B, H, G, Q, 1).reshape(B, H, G * Q, 1)
+            probs = torch.softmax(torch.cat([logits, s], dim=-1), dim=-1)[..., :C]
+        # A query that sees no slot (padding) gets all-zero probabilities instead of NaN.
+        sees_any = visible.any(-1)  # [B, H, Q]
+        probs.view(B, H, G, Q, C).masked_fill_(~sees_any[:, :, None, :, None], 0.0)
+        self.peak_block = max(self.peak_block, Q * C)
+        out = torch.matmul(probs, values.float())  # [B, H, G*Q, D]
+        self.ops.accumulate(probs.reshape(B, Hq, Q, C), slot_pos, qpos, scores, counts, last,
+                            self.group_reduce)
+        return out.view(B, Hq, Q, D).to(query.dtype)
+
+    # -- batch reordering (beam search) ------------------------------------------------------------
+
+    def index_batch(self, index: Tensor) -> None:
+        """Keep rows ``index`` (int64 ``[B']``, repeats allowed): beam reorder / select."""
+        if not self.is_initialized:
+            return
+        index = torch.as_tensor(index, dtype=torch.long).to(self.keys.device)
+        for name in self._TENSORS:
+            setattr(self, name, getattr(self, name).index_select(0, index).contiguous())
+
+    def reorder(self, beam_idx: Tensor) -> None:
+        self.index_batch(beam_idx)
+
+    def select(self, indices: Tensor) -> None:
+        self.index_batch(indices)
+
+    def repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.index_batch(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+
+
+def _describe(x) -> str:
+    if isinstance(x, Tensor):
+        return f"tensor of shape {tuple(x.shape)}, {x.dtype}"
+    return f"{x!r:.80}"
+
+
+def _row_chunks(real: Tensor, pos: Tensor, S: int):
+    """Chunks of a padded call: yields ``(cols, qpos)``, int64 ``[B, w]`` each, ``w <= S``.
+
+    Chunk ``k`` holds, for every row ``b``, the columns of row ``b``'s real tokens with in-call
+    real index ``k*S .. k*S+S-1`` (any padding pattern), so a row is chunked exactly as the same
+    sequence run alone. A row with fewer real tokens is filled with its padding columns, whose
+    ``qpos`` (``pos`` gathered) is -1: never appended, never attended, no statistics.
+    """
+    order = torch.argsort((~real).to(torch.uint8), dim=1, stable=True)
+    n_real = int(real.sum(1).max())
+    for s in range(0, n_real, S):
+        cols = order[:, s:min(n_real, s + S)]
+        yield cols, pos.gather(1, cols)
+
+
+def _gather_tokens(x: Tensor, cols: Tensor) -> Tensor:
+    """``x[b, :, cols[b, i]]``: ``x`` ``[B, H, T, D]``, ``cols`` ``[B, w]`` -> ``[B, H, w, D]``."""
+    B, H, _, D = x.shape
+    return x.gather(2, cols[:, None, :, None].expand(B, H, cols.shape[1], D))
+
+
+__all__ = ["KVEngine", "BACKENDS"]
