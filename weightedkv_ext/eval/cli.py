@@ -232,8 +232,25 @@ def environment() -> dict:
             "cpu_count": os.cpu_count()}
 
 
+EXTRAS = ("tqdm", "matplotlib")  # the `eval` extra: pip install .[eval]
+
+
+def require_extras(parser: argparse.ArgumentParser) -> None:
+    """Exit with a clear message when the packages of the ``eval`` extra are missing."""
+    import importlib
+
+    for name in EXTRAS:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            parser.exit(2, f"{parser.prog}: error: the evaluation harness needs {name!r}, part of "
+                           "the 'eval' extra; install it with `pip install .[eval]` (or "
+                           f"`pip install {' '.join(EXTRAS)}`)\n")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    require_extras(args.parser)
     if args.task != "ppl":
         from .taskcli import main_task
 

@@ -74,6 +74,12 @@ def plan(task: str, datasets: list[str], lengths, policies, budgets, sinks, rece
     return cells
 
 
+def _same_docs(a: dict, b: dict) -> bool:
+    """Two dataset descriptions agree on the documents both hold (names in the same order)."""
+    n = min(len(a["docs"]), len(b["docs"]))
+    return a["docs"][:n] == b["docs"][:n] and a["doc_tokens"][:n] == b["doc_tokens"][:n]
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -94,6 +100,17 @@ class TaskStore:
                 raise ResumeError(f"argument --out: {str(self.path)!r} is not a task results file "
                                   f"of this harness (format {self.data.get('format')!r})")
             for k, v in config.items():
+                if k == "datasets":  # documents may be added; the same name must hold the same tokens
+                    for name, desc in v.items():
+                        old = self.data["config"].setdefault(k, {}).get(name)
+                        if old is not None and not _same_docs(old, desc):
+                            raise ResumeError(
+                                f"argument --out: {str(self.dir)!r} holds {task} results for "
+                                f"another dataset {name!r} (documents or tokens differ); use "
+                                "another --out folder")
+                        self.data["config"][k][name] = desc if old is None or len(
+                            desc["docs"]) >= len(old["docs"]) else old
+                    continue
                 have = self.data["config"].get(k)
                 if have != v:
                     raise ResumeError(

@@ -82,7 +82,9 @@ def wilson(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float,
     den = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo = 0.0 if successes == 0 else max(0.0, centre - half)  # exact bounds, not 1 - 1e-16
+    hi = 1.0 if successes == n else min(1.0, centre + half)
+    return lo, hi
 
 
 def split_sentences(text: str) -> list[str]:
