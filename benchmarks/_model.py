@@ -9,6 +9,15 @@ import torch
 from weightedkv_ext import WeightedKVCache, data, models
 
 
+# The keyword transformers' forward takes the cache under (``cache`` from transformers 5.24, else
+# ``past_key_values``), as WeightedKVCache.as_kwargs() reports it; DynamicCache goes under it too.
+CACHE_KWARG = next(iter(WeightedKVCache(None, policy="full").as_kwargs()))
+
+
+def cache_kwargs(cache) -> dict:
+    return cache.as_kwargs() if hasattr(cache, "as_kwargs") else {CACHE_KWARG: cache}
+
+
 def load():
     """SmolLM2-135M-Instruct in float32 with the ``weightedkv`` attention (sdpa for other caches)."""
     return models.load_smollm2(dtype=torch.float32)
@@ -28,14 +37,14 @@ def prefill(model, ids: torch.Tensor, cache, chunk: int = 512) -> torch.Tensor:
     """Feeds ``ids`` in chunks; returns the greedy next token ``[B, 1]``."""
     logits = None
     for s in range(0, ids.shape[1], chunk):
-        logits = model(input_ids=ids[:, s:s + chunk], past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=ids[:, s:s + chunk], **cache_kwargs(cache), use_cache=True).logits
     return logits[:, -1:].argmax(-1)
 
 
 @torch.inference_mode()
 def step(model, tok: torch.Tensor, cache) -> torch.Tensor:
     """One decode step; returns the next greedy token."""
-    return model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    return model(input_ids=tok, **cache_kwargs(cache), use_cache=True).logits[:, -1:].argmax(-1)
 
 
 class TimedOps:

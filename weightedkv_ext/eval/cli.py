@@ -1,8 +1,11 @@
 """Command line: ``python -m weightedkv_ext.eval`` (console script ``weightedkv-eval``).
 
-Sliding-window perplexity of KV-cache policies at fixed budgets, laid out like Table I of the
-WeightedKV paper. Results go to ``--out`` (results.json, results.md, ppl_vs_budget.png), one
-cell at a time; rerunning the same command resumes.
+Quality of KV-cache policies at fixed budgets: ``--task ppl`` (default) is sliding-window
+perplexity laid out like Table I of the WeightedKV paper; ``passkey`` / ``niah`` are long-context
+retrieval (accuracy with 95% Wilson intervals) and ``kl`` next-token fidelity against the full
+cache. Results go to ``--out`` one cell (or batch) at a time; rerunning the same command resumes.
+
+Needs the ``eval`` extra (``pip install .[eval]``: tqdm, matplotlib), imported only when run.
 """
 from __future__ import annotations
 
@@ -14,8 +17,11 @@ import sys
 from pathlib import Path
 
 from .caches import GROUP_REDUCES, POLICIES, default_recent
+from .tasks import TASKS, TaskError, check_depths
 
 DTYPES = ("float32", "bfloat16", "float16")
+EVALDATA_ENV = "WEIGHTEDKV_EVALDATA"  # default of --data-dir
+TASK_DEFAULTS = {"passkey": [1024, 2048, 4096], "niah": [1024, 2048, 4096], "kl": [1024]}
 DEFAULTS = dict(contexts=[2048], budgets=[128, 256, 512], docs=None, max_tokens_per_doc=8192,
                 batch=4, out="outputs/eval")
 QUICK = dict(contexts=[512], budgets=[64, 128], docs=1, max_tokens_per_doc=768, batch=2,
@@ -50,6 +56,30 @@ def _at_least(minimum: int):
 _positive, _non_negative = _at_least(1), _at_least(0)
 
 
+def _depths(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated percentages, got {text!r}")
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated percentages, got {text!r}")
+    try:
+        check_depths(values)
+    except TaskError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("argument --depths: "))
+    return list(dict.fromkeys(values))
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in 0..1, got {text!r}")
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in 0..1, got {text!r}")
+    return v
+
+
 def _policies(text: str) -> list[str]:
     values = [p.strip() for p in text.split(",") if p.strip()]
     unknown = [p for p in values if p not in POLICIES]
@@ -62,13 +92,20 @@ def _policies(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="weightedkv-eval", description=__doc__.split("\n\n")[1])
+    p.add_argument("--task", choices=TASKS, default="ppl",
+                   help="ppl: sliding-window perplexity (default); passkey: LongLoRA passkey "
+                        "retrieval; niah: RULER needle in a haystack (--distractors for multi-key); "
+                        "kl: KL(p_full || p_policy) and top-1 agreement per position")
     p.add_argument("--model", default="smollm2",
                    help="'smollm2' (embedded SmolLM2-135M-Instruct, default) or a local Hugging Face model folder")
     p.add_argument("--data", nargs="+", default=[], metavar="PATH",
                    help="text files (one-document datasets) or folders (*.txt = documents)")
     p.add_argument("--domains", default=None,
-                   help="comma-separated evaldata domains (books,web,math,code) from ../shared/evaldata; "
-                        "without --data/--domains: the embedded default text")
+                   help="comma-separated evaldata domains (books,web,math,code): folders of "
+                        "--data-dir; without --data/--domains: the embedded default text")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help=f"folder of the evaldata domains [${EVALDATA_ENV}, else ../shared/evaldata "
+                        "next to a source checkout]")
     p.add_argument("--policies", type=_policies, default=list(POLICIES),
                    help="comma-separated, from (and by default) " + ",".join(POLICIES))
     p.add_argument("--budgets", type=_int_list("budgets"), default=None,
@@ -78,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recent tokens kept [budget/2 - sinks]")
     p.add_argument("--contexts", type=_int_list("contexts", 2), default=None,
                    help=f"comma-separated window lengths W (even; stride W/2) [{_fmt(DEFAULTS['contexts'])}]")
+    p.add_argument("--lengths", type=_int_list("lengths", 2), default=None,
+                   help="passkey/niah/kl: comma-separated prompt / document lengths in tokens "
+                        "[passkey, niah: 1024,2048,4096; kl: 1024]")
+    p.add_argument("--depths", type=_depths, default=[0.0, 25.0, 50.0, 75.0, 100.0],
+                   help="passkey/niah: needle depths, percent of the context [0,25,50,75,100]")
+    p.add_argument("--samples", type=_positive, default=10,
+                   help="passkey/niah: prompts per depth and length [%(default)s]")
+    p.add_argument("--distractors", type=_non_negative, default=0,
+                   help="niah: distractor needles with other keys (0 = single needle) [%(default)s]")
+    p.add_argument("--min-full-accuracy", type=_fraction, default=0.8,
+                   help="passkey/niah: compressed policies run only at lengths where the full "
+                        "cache reaches this accuracy [%(default)s]")
     p.add_argument("--docs", type=_positive, default=None,
                    help="documents per dataset (first N by file name) [all]")
     p.add_argument("--max-tokens-per-doc", type=_at_least(2), default=None,
@@ -119,6 +168,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else []
+    if args.data_dir is None:
+        args.data_dir = os.environ.get(EVALDATA_ENV) or None
+    if args.lengths is None:
+        args.lengths = TASK_DEFAULTS.get(args.task, [])
     for w in args.contexts:
         if w % 2:
             parser.error(f"argument --contexts: a window length must be even (stride W/2), got {w}")
@@ -179,8 +232,29 @@ def environment() -> dict:
             "cpu_count": os.cpu_count()}
 
 
+EXTRAS = ("tqdm", "matplotlib")  # the `eval` extra: pip install .[eval]
+
+
+def require_extras(parser: argparse.ArgumentParser) -> None:
+    """Exit with a clear message when the packages of the ``eval`` extra are missing."""
+    import importlib
+
+    for name in EXTRAS:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            parser.exit(2, f"{parser.prog}: error: the evaluation harness needs {name!r}, part of "
+                           "the 'eval' extra; install it with `pip install .[eval]` (or "
+                           f"`pip install {' '.join(EXTRAS)}`)\n")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    require_extras(args.parser)
+    if args.task != "ppl":
+        from .taskcli import main_task
+
+        return main_task(args, argv)
     import torch
 
     from . import data as evdata
@@ -191,7 +265,7 @@ def main(argv=None) -> int:
 
     parser = args.parser
     try:
-        texts = evdata.resolve(args.data, args.domains)
+        texts = evdata.resolve(args.data, args.domains, args.data_dir)
     except evdata.DataError as e:
         parser.error(str(e))
     if args.threads:

@@ -68,19 +68,24 @@ def from_path(path: str | Path, arg: str = "--data") -> TextDataset:
     raise DataError(f"argument {arg}: no such file or folder: {str(path)!r}")
 
 
-def evaldata_dir() -> Path | None:
+def evaldata_dir(data_dir: str | Path | None = None) -> Path | None:
+    """The evaldata folder: ``data_dir`` (``--data-dir`` / ``$WEIGHTEDKV_EVALDATA``) when given,
+    else ``../shared/evaldata`` next to a source checkout, else None."""
+    if data_dir is not None:
+        return Path(data_dir)
     from .. import data
 
     root = data.evaldata_dir()
     return None if root is None else Path(root)
 
 
-def from_domain(domain: str) -> TextDataset:
-    root = evaldata_dir()
+def from_domain(domain: str, data_dir: str | Path | None = None) -> TextDataset:
+    root = evaldata_dir(data_dir)
     if root is None or not (root / domain).is_dir():
         known = sorted(d.name for d in root.iterdir() if d.is_dir()) if root and root.is_dir() else []
         where = (f"known domains: {', '.join(known)}" if known
-                 else f"the evaldata folder {str(root) if root else '../shared/evaldata'!r} is absent")
+                 else f"the evaldata folder {str(root) if root else '../shared/evaldata'!r} is "
+                      "absent; pass --data-dir or set $WEIGHTEDKV_EVALDATA")
         raise DataError(f"argument --domains: no evaldata domain {domain!r} ({where})")
     return from_path(root / domain, "--domains")
 
@@ -91,9 +96,10 @@ def default_dataset() -> TextDataset:
     return TextDataset("kjv_genesis", [("default_text", data.default_text())])
 
 
-def resolve(paths: Sequence[str] = (), domains: Sequence[str] = ()) -> list[TextDataset]:
+def resolve(paths: Sequence[str] = (), domains: Sequence[str] = (),
+            data_dir: str | Path | None = None) -> list[TextDataset]:
     """The datasets named on the command line (the default text when none is)."""
-    datasets = [from_domain(d) for d in domains] + [from_path(p) for p in paths]
+    datasets = [from_domain(d, data_dir) for d in domains] + [from_path(p) for p in paths]
     if not datasets:
         datasets = [default_dataset()]
     names = [d.name for d in datasets]

@@ -5,8 +5,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-from tqdm.auto import tqdm
-
 from .caches import DISPLAY, cache_factory
 from .data import TokenDataset
 from .protocol import evaluate, plan_dataset, token_forwards
@@ -49,6 +47,8 @@ def run(model, datasets: list[TokenDataset], cells: list[Cell], store: ResultSto
         group_reduce: str = "mean", run_record: dict, progress: bool = True) -> int:
     """Evaluate the cells missing from ``store``; returns the number run. KeyboardInterrupt leaves
     every finished cell saved and propagates."""
+    from tqdm.auto import tqdm  # the eval extra, imported when a run starts
+
     by_name = {d.name: d for d in datasets}
     todo = [c for c in cells if not store.has(c.key)]
     total = sum(token_forwards(plan_dataset(by_name[c.dataset].doc_tokens, c.context), batch)

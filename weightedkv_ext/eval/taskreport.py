@@ -1,0 +1,319 @@
+"""Markdown tables and PNG plots of the ``passkey`` / ``niah`` / ``kl`` results.
+
+Retrieval: accuracy with its 95% Wilson interval per (policy, budget, length), the full cache on
+top; a compressed cell at a length where the full cache is below ``min_full_accuracy`` is not
+compared. Plots: one heatmap per policy (depth x length, one panel per budget) and accuracy vs
+budget (one panel per length). KL: mean KL(p_full || p_policy) per token and top-1 agreement per
+(policy, budget, dataset x length); plot: KL vs budget.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .caches import DISPLAY, POLICIES, default_recent
+from .tasks import wilson
+
+
+def md_name(task: str) -> str:
+    return f"results_{task}.md"
+
+
+def _cells(data: dict) -> list[dict]:
+    return list(data["cells"].values())
+
+
+def _len_label(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def _groups(cells: list[dict]) -> list:
+    gs = sorted({(c["budget"], c["sinks"], c["recent"]) for c in cells if c["policy"] != "full"})
+    return ([None] if any(c["policy"] == "full" for c in cells) else []) + gs
+
+
+def _group_of(c: dict):
+    return None if c["policy"] == "full" else (c["budget"], c["sinks"], c["recent"])
+
+
+def _budget_label(group) -> str:
+    if group is None:
+        return "-"
+    budget, sinks, recent = group
+    if recent == default_recent(budget, sinks):
+        return str(budget)
+    return f"{budget} (sinks {sinks}, recent {recent})"
+
+
+def _columns(cells: list[dict]) -> list[tuple[str, int]]:
+    return sorted({(c["dataset"], c["length"]) for c in cells}, key=lambda x: (x[0], x[1]))
+
+
+def _find(cells, dataset, length, policy, group):
+    for c in cells:
+        if (c["dataset"], c["length"], c["policy"], _group_of(c)) == (dataset, length, policy, group):
+            return c
+    return None
+
+
+# -- retrieval ---------------------------------------------------------------------------------
+
+
+def counts(cell: dict, depth: float | None = None) -> tuple[int, int]:
+    res = [r for k, r in cell["results"].items()
+           if depth is None or float(k.split("/")[0]) == depth]
+    return sum(1 for r in res if r["ok"]), len(res)
+
+
+def depths_of(cells: list[dict]) -> list[float]:
+    return sorted({float(k.split("/")[0]) for c in cells for k in c["results"]})
+
+
+def full_accuracy(cells, dataset, length) -> float | None:
+    full = _find(cells, dataset, length, "full", None)
+    if full is None or not full.get("complete"):
+        return None
+    ok, n = counts(full)
+    return ok / n if n else None
+
+
+def _acc_cell(ok: int, n: int) -> str:
+    if n == 0:
+        return ""
+    lo, hi = wilson(ok, n)
+    return f"{100 * ok / n:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}] (n={n})"
+
+
+def retrieval_markdown(data: dict) -> str:
+    cfg, cells = data["config"], _cells(data)
+    min_full = cfg.get("min_full_accuracy", 0.8)
+    cols = _columns(cells)
+    lines = [f"Task `{data['task']}`: exact-match accuracy, 95% Wilson interval, n prompts "
+             f"(all depths together). Model `{cfg['model']}` ({cfg['dtype']}), chunk size "
+             f"{cfg['chunk_size']}, greedy, {cfg.get('max_new_tokens')} new tokens.", "",
+             "| Budget | Policy | " + " | ".join(f"{d} {_len_label(n)}" for d, n in cols) + " |",
+             "|---|---|" + "---:|" * len(cols)]
+    not_compared = set()
+    for group in _groups(cells):
+        pols = [p for p in POLICIES if any(c["policy"] == p and _group_of(c) == group for c in cells)]
+        for i, p in enumerate(pols):
+            row = []
+            for col in cols:
+                c = _find(cells, *col, p, group)
+                if c is None:
+                    fa = full_accuracy(cells, *col)
+                    if p != "full" and fa is not None and fa < min_full:
+                        not_compared.add(col)
+                        row.append("n/c")
+                    else:
+                        row.append("")
+                    continue
+                row.append(_acc_cell(*counts(c)))
+            lines.append(f"| {_budget_label(group) if i == 0 else ''} | {DISPLAY[p]} | "
+                         + " | ".join(row) + " |")
+    lines.append("")
+    for d, n in cols:
+        fa = full_accuracy(cells, d, n)
+        if fa is not None and fa < min_full:
+            lines.append(f"- {d} {_len_label(n)}: the full cache itself reaches only {100 * fa:.0f}% "
+                         f"(< {100 * min_full:.0f}%): the model cannot do the task at this length, "
+                         "so compressed policies are not compared there (n/c).")
+    depths = depths_of(cells)
+    lines.append(f"- Depths (percent of the context): {', '.join(f'{d:g}' for d in depths)}; "
+                 "per-depth accuracy in the heatmaps and the JSON file.")
+    secs = sum(c["seconds"] for c in cells)
+    prompts = sum(len(c["results"]) for c in cells)
+    lines.append(f"- {prompts} prompts in {secs:.0f} s of model time.")
+    lines += ["", "Per depth (correct / n):", "",
+              "| Budget | Policy | Length | " + " | ".join(f"{d:g}%" for d in depths) + " |",
+              "|---|---|---|" + "---:|" * len(depths)]
+    for group in _groups(cells):
+        for p in POLICIES:
+            for col in cols:
+                c = _find(cells, *col, p, group)
+                if c is None:
+                    continue
+                row = []
+                for d in depths:
+                    ok, n = counts(c, d)
+                    row.append(f"{ok}/{n}" if n else "")
+                lines.append(f"| {_budget_label(group)} | {DISPLAY[p]} | {col[0]} "
+                             f"{_len_label(col[1])} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot_retrieval(data: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [c for c in _cells(data) if c["results"]]
+    if not cells:
+        return []
+    task = data["task"]
+    paths = []
+    depths = depths_of(cells)
+    for p in POLICIES:
+        mine = [c for c in cells if c["policy"] == p]
+        if not mine:
+            continue
+        groups = [g for g in _groups(mine)]
+        fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups) + 0.8, 3.2),
+                                 squeeze=False)
+        for ax, g in zip(axes[0], groups):
+            cols = _columns([c for c in mine if _group_of(c) == g])
+            grid = [[float("nan")] * len(cols) for _ in depths]
+            for j, col in enumerate(cols):
+                c = _find(mine, *col, p, g)
+                for i, d in enumerate(depths):
+                    ok, n = counts(c, d)
+                    if n:
+                        grid[i][j] = ok / n
+                        ax.text(j, i, f"{100 * ok / n:.0f}", ha="center", va="center", fontsize=8)
+            im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            ax.set_xticks(range(len(cols)), [f"{_len_label(n)}" for _, n in cols])
+            ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
+            ax.set_xlabel("context length")
+            ax.set_ylabel("needle depth")
+            ax.set_title("full cache" if g is None else f"budget {g[0]}", fontsize=9)
+        fig.colorbar(im, ax=axes[0].tolist(), label="accuracy", shrink=0.8)
+        fig.suptitle(f"{task}: {DISPLAY[p]}", fontsize=10)
+        path = out / f"{task}_heatmap_{p}.png"
+        fig.savefig(path, dpi=100, metadata={"Software": None})
+        plt.close(fig)
+        paths.append(path)
+    cols = _columns(cells)
+    fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.4), squeeze=False)
+    for ax, col in zip(axes[0], cols):
+        here = [c for c in cells if (c["dataset"], c["length"]) == col]
+        for p in POLICIES:
+            mine = [c for c in here if c["policy"] == p]
+            if p == "full":
+                if mine:
+                    ok, n = counts(mine[0])
+                    ax.axhline(ok / n, color="black", ls="--", lw=1, label=DISPLAY[p])
+                continue
+            pts = sorted((c["budget"], *counts(c)) for c in mine)
+            if pts:
+                xs = [b for b, _, _ in pts]
+                ys = [ok / n for _, ok, n in pts]
+                lo = [ok / n - wilson(ok, n)[0] for _, ok, n in pts]
+                hi = [wilson(ok, n)[1] - ok / n for _, ok, n in pts]
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=2, label=DISPLAY[p])
+        budgets = sorted({c["budget"] for c in here if c["policy"] != "full"})
+        if budgets:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(f"{task}, {col[0]}, context {_len_label(col[1])}", fontsize=9)
+        ax.set_xlabel("KV budget (tokens per head)")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / f"{task}_acc_vs_budget.png"
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return paths + [path]
+
+
+# -- KL ----------------------------------------------------------------------------------------
+
+
+def kl_means(cell: dict) -> tuple[float, float, int]:
+    """(mean KL, mean agreement, documents): per-document averages, averaged over documents."""
+    res = list(cell["results"].values())
+    if not res:
+        return float("nan"), float("nan"), 0
+    return (sum(r["kl"] for r in res) / len(res), sum(r["agree"] for r in res) / len(res), len(res))
+
+
+def kl_markdown(data: dict) -> str:
+    cfg, cells = data["config"], _cells(data)
+    cols = _columns(cells)
+    lines = [f"Next-token fidelity against the full cache: mean KL(p_full || p_policy) in nats per "
+             f"token (top-1 agreement with the full cache in parentheses), per-document averages "
+             f"averaged over documents. Model `{cfg['model']}` ({cfg['dtype']}), chunk size "
+             f"{cfg['chunk_size']}.", "",
+             "| Budget | Policy | " + " | ".join(f"{d} {_len_label(n)}" for d, n in cols)
+             + " | mean |", "|---|---|" + "---:|" * (len(cols) + 1)]
+    for group in _groups(cells):
+        pols = [p for p in POLICIES if any(c["policy"] == p and _group_of(c) == group for c in cells)]
+        vals = {p: [(_find(cells, *col, p, group)) for col in cols] for p in pols}
+        best = {}
+        for j in range(len(cols)):
+            ks = [kl_means(vals[p][j])[0] for p in pols if p != "full" and vals[p][j]]
+            best[j] = min(ks) if len(ks) > 1 else None
+        for i, p in enumerate(pols):
+            row, ks, ags = [], [], []
+            for j, c in enumerate(vals[p]):
+                if c is None or not c["results"]:
+                    row.append("")
+                    continue
+                k, a, _ = kl_means(c)
+                ks.append(k)
+                ags.append(a)
+                txt = f"{k:.3f} ({100 * a:.1f}%)"
+                row.append(f"**{txt}**" if best[j] is not None and k == best[j] else txt)
+            mean = f"{sum(ks) / len(ks):.3f} ({100 * sum(ags) / len(ags):.1f}%)" if ks else ""
+            lines.append(f"| {_budget_label(group) if i == 0 else ''} | {DISPLAY[p]} | "
+                         + " | ".join(row) + f" | {mean} |")
+    lines.append("")
+    for name, desc in cfg.get("datasets", {}).items():
+        docs = {d for c in cells if c["dataset"] == name for d in c["results"]}
+        lines.append(f"- `{name}`: {len(docs)} document(s): {', '.join(sorted(docs))}.")
+    secs = sum(c["seconds"] for c in cells)
+    lines.append(f"- {len(cells)} cells, {secs:.0f} s of policy-model time (the full-cache "
+                 "reference runs are not counted).")
+    return "\n".join(lines)
+
+
+def plot_kl(data: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [c for c in _cells(data) if c["results"] and c["policy"] != "full"]
+    if not cells:
+        return []
+    cols = _columns(cells)
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.6 * len(cols), 3.4), squeeze=False)
+    for ax, col in zip(axes[0], cols):
+        for p in POLICIES:
+            pts = sorted((c["budget"], kl_means(c)[0]) for c in cells
+                         if (c["dataset"], c["length"]) == col and c["policy"] == p)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=DISPLAY[p])
+        budgets = sorted({c["budget"] for c in cells if (c["dataset"], c["length"]) == col})
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.set_title(f"{col[0]}, length {_len_label(col[1])}", fontsize=9)
+        ax.set_xlabel("KV budget (tokens per head)")
+        ax.set_ylabel("KL(full || policy), nats/token")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "kl_vs_budget.png"
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return [path]
+
+
+def markdown(data: dict) -> str:
+    return kl_markdown(data) if data["task"] == "kl" else retrieval_markdown(data)
+
+
+def write(data: dict, out, plots: bool = True) -> list[Path]:
+    """Write ``results_<task>.md`` (and the plots) into ``out``; returns the paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / md_name(data["task"])
+    tmp = md.with_name(md.name + ".tmp")
+    tmp.write_text(markdown(data) + "\n", encoding="utf-8")
+    tmp.replace(md)
+    if not plots:
+        return [md]
+    pngs = plot_kl(data, out) if data["task"] == "kl" else plot_retrieval(data, out)
+    return [md, *pngs]

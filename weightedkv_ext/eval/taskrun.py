@@ -1,0 +1,349 @@
+"""Running the ``passkey`` / ``niah`` / ``kl`` tasks: plans, batched model runs, resumable results.
+
+Retrieval: every prompt of a cell has exactly ``length`` tokens (tasks.py), so samples of all
+depths are batched without padding. A prompt is processed as a user's would be: prefill through
+the cache ``feed`` tokens per model call (the cache compresses every ``chunk_size`` tokens, i.e.
+during the prompt), then greedy decoding of ``max_new_tokens`` tokens, one per call. The full cache
+runs first at each length; compressed policies run only where it reaches ``min_full`` accuracy.
+
+KL: each document's first ``length`` tokens; the full cache and every policy see the same tokens,
+fed in lockstep, and each position's KL(p_full || p_policy) (nats) and top-1 agreement are
+averaged per document.
+
+Results go to ``<out>/results_<task>.json`` after every batch (rerun the same command to resume).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .caches import DISPLAY, POLICIES
+
+FORMAT = "weightedkv_ext.eval.tasks/1"
+
+
+class ResumeError(ValueError):
+    """``--out`` holds results of another configuration."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: str
+    dataset: str  # haystack / text dataset name ("filler" for passkey)
+    length: int
+    policy: str
+    budget: int | None = None
+    sinks: int | None = None
+    recent: int | None = None
+
+    @property
+    def key(self) -> str:
+        head = f"{self.task}/{self.dataset}/len{self.length}"
+        if self.policy == "full":
+            return f"{head}/full"
+        return f"{head}/{self.policy}/b{self.budget}/s{self.sinks}/r{self.recent}"
+
+    @property
+    def label(self) -> str:
+        b = "" if self.policy == "full" else f" b={self.budget}"
+        return f"{self.task} {self.dataset} L={self.length} {DISPLAY[self.policy]}{b}"
+
+    def record(self) -> dict:
+        return {"task": self.task, "dataset": self.dataset, "length": self.length,
+                "policy": self.policy, "budget": self.budget, "sinks": self.sinks,
+                "recent": self.recent}
+
+
+def plan(task: str, datasets: list[str], lengths, policies, budgets, sinks, recent_of) -> list[Cell]:
+    """Cells in run order: per dataset and length, the full cache first, then each budget."""
+    cells = []
+    for ds in datasets:
+        for length in lengths:
+            if "full" in policies:
+                cells.append(Cell(task, ds, length, "full"))
+            for b in budgets:
+                cells += [Cell(task, ds, length, p, b, sinks, recent_of(b))
+                          for p in policies if p != "full"]
+    return cells
+
+
+def _same_docs(a: dict, b: dict) -> bool:
+    """Two dataset descriptions agree on the documents both hold (names in the same order)."""
+    n = min(len(a["docs"]), len(b["docs"]))
+    return a["docs"][:n] == b["docs"][:n] and a["doc_tokens"][:n] == b["doc_tokens"][:n]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class TaskStore:
+    """``<out>/results_<task>.json``: configuration, cells (partial ones too), runs."""
+
+    def __init__(self, out, task: str, config: dict, environment: dict, on_save=None):
+        self.dir = Path(out)
+        self.task = task
+        self.path = self.dir / f"results_{task}.json"
+        self.on_save = on_save  # called with the data after each save (Markdown, plots)
+        if self.path.exists():
+            self.data = json.loads(self.path.read_text(encoding="utf-8"))
+            if self.data.get("format") != FORMAT:
+                raise ResumeError(f"argument --out: {str(self.path)!r} is not a task results file "
+                                  f"of this harness (format {self.data.get('format')!r})")
+            for k, v in config.items():
+                if k == "datasets":  # documents may be added; the same name must hold the same tokens
+                    for name, desc in v.items():
+                        old = self.data["config"].setdefault(k, {}).get(name)
+                        if old is not None and not _same_docs(old, desc):
+                            raise ResumeError(
+                                f"argument --out: {str(self.dir)!r} holds {task} results for "
+                                f"another dataset {name!r} (documents or tokens differ); use "
+                                "another --out folder")
+                        self.data["config"][k][name] = desc if old is None or len(
+                            desc["docs"]) >= len(old["docs"]) else old
+                    continue
+                have = self.data["config"].get(k)
+                if have != v:
+                    raise ResumeError(
+                        f"argument --out: {str(self.dir)!r} holds {task} results for {k}={have!r}, "
+                        f"this run has {k}={v!r}; use another --out folder (or the same {k}) "
+                        "to resume")
+        else:
+            self.data = {"format": FORMAT, "task": task, "config": config,
+                         "environment": environment, "runs": [], "cells": {}}
+
+    @property
+    def cells(self) -> dict:
+        return self.data["cells"]
+
+    def cell(self, cell: Cell) -> dict:
+        c = self.cells.get(cell.key)
+        if c is None:
+            c = self.cells[cell.key] = {**cell.record(), "results": {}, "seconds": 0.0}
+        return c
+
+    def save(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.path, json.dumps(self.data, indent=1) + "\n")
+        if self.on_save is not None:
+            self.on_save(self.data)
+
+
+# -- retrieval ---------------------------------------------------------------------------------
+
+
+def sample_key(depth: float, index: int) -> str:
+    return f"{depth:g}/{index}"
+
+
+def accuracy(cell: dict) -> tuple[int, int]:
+    """(correct, answered) over the stored samples of a retrieval cell."""
+    res = cell["results"].values()
+    return sum(1 for r in res if r["ok"]), len(res)
+
+
+def shared_prefix(ids: torch.Tensor, multiple: int) -> int:
+    """Length of the prefix common to all rows of ``ids`` [B, L], rounded down to a multiple of
+    ``multiple`` and leaving at least one token per row."""
+    same = (ids == ids[:1]).all(0).long()
+    n = int(same.cumprod(0).sum())
+    return min(n, ids.shape[1] - 1) // multiple * multiple
+
+
+@torch.inference_mode()
+def greedy(model, ids: torch.Tensor, cache, feed: int, new_tokens: int,
+           chunk_size: int = 1) -> torch.Tensor:
+    """Prefill ``ids`` [B, L] through ``cache`` ``feed`` tokens per call, then greedy-decode
+    ``new_tokens`` tokens; returns them, int64 [B, new_tokens].
+
+    A prefix common to all rows (e.g. the passkey filler before the needle) is run once, for one
+    row, and the cache is then repeated over the batch (``Cache.batch_repeat_interleave``): the
+    same computation per row, as chunk boundaries stay at multiples of ``chunk_size`` (``feed`` is
+    one too); only float rounding of the differently shaped calls can differ.
+    """
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    B, L = ids.shape
+    start = shared_prefix(ids, chunk_size) if B > 1 else 0
+    logits = None
+    if start:
+        for s in range(0, start, feed):
+            model(input_ids=ids[:1, s:min(s + feed, start)], **cache.as_kwargs(), use_cache=True,
+                  logits_to_keep=1)
+        cache.batch_repeat_interleave(B)
+    for s in range(start, L, feed):
+        logits = model(input_ids=ids[:, s:s + feed], **cache.as_kwargs(), use_cache=True,
+                       logits_to_keep=1).logits
+    out = [logits[:, -1].argmax(-1)]
+    for _ in range(new_tokens - 1):
+        logits = model(input_ids=out[-1][:, None], **cache.as_kwargs(), use_cache=True,
+                       logits_to_keep=1).logits
+        out.append(logits[:, -1].argmax(-1))
+    return torch.stack(out, 1).cpu()
+
+
+def full_gate(store: TaskStore, cell: Cell, min_full: float) -> tuple[bool, float | None]:
+    """(may run, full-cache accuracy): a compressed cell runs only where the complete full-cache
+    cell of its length reached ``min_full``."""
+    full = store.cells.get(Cell(cell.task, cell.dataset, cell.length, "full").key)
+    if full is None or not full.get("complete"):
+        return False, None
+    ok, n = accuracy(full)
+    acc = ok / n if n else 0.0
+    return acc >= min_full, acc
+
+
+def run_retrieval(model, tokenizer, generator, cells: list[Cell], store: TaskStore, make_cache, *,
+                  depths, samples: int, batch: int, feed: int, min_full: float, chunk_size: int = 1,
+                  progress: bool = True, run_record: dict) -> None:
+    """Evaluate the missing samples of ``cells`` (generator: a tasks.PasskeyTask / NiahTask)."""
+    from tqdm.auto import tqdm
+
+    wanted = [(float(d), i) for d in depths for i in range(samples)]
+
+    def pending(cell):
+        have = store.cells.get(cell.key, {}).get("results", {})
+        return [(d, i) for d, i in wanted if sample_key(d, i) not in have]
+
+    total = sum(len(pending(c)) for c in cells)
+    bar = tqdm(total=total, unit="prompt", dynamic_ncols=True, disable=not progress,
+               mininterval=0.5 if sys.stderr.isatty() else 30)
+    new_tokens = generator.max_new_tokens
+    started = time.perf_counter()
+    run_record.update(samples_run=0, interrupted=True)
+    try:
+        for cell in cells:
+            todo = pending(cell)
+            if cell.policy != "full":
+                ok, acc = full_gate(store, cell, min_full)
+                if not ok:
+                    if cell.key in store.cells:
+                        store.cells[cell.key]["skipped"] = True
+                    bar.update(len(todo))
+                    continue
+            rec = store.cell(cell)
+            rec.pop("skipped", None)
+            bar.set_description(cell.label)
+            for b in range(0, len(todo), batch):
+                group = todo[b:b + batch]
+                prompts = [generator.sample(cell.length, d, i) for d, i in group]
+                ids = torch.tensor([p.ids for p in prompts], dtype=torch.long)
+                t0 = time.perf_counter()
+                gen = greedy(model, ids, make_cache(cell), feed, new_tokens, chunk_size)
+                rec["seconds"] = round(rec["seconds"] + time.perf_counter() - t0, 3)
+                for (d, i), p, g in zip(group, prompts, gen.tolist()):
+                    text = tokenizer.decode(g, skip_special_tokens=True)
+                    rec["results"][sample_key(d, i)] = {
+                        "ok": exact(text, p.answer), "answer": p.answer, "output": text}
+                rec["complete"] = len(pending(cell)) == 0
+                run_record["samples_run"] += len(group)
+                run_record["seconds"] = round(time.perf_counter() - started, 3)
+                store.save()
+                bar.update(len(group))
+            if not todo and not rec.get("complete"):
+                rec["complete"] = True
+                store.save()
+        run_record["interrupted"] = False
+    finally:
+        bar.close()
+        run_record["seconds"] = round(time.perf_counter() - started, 3)
+
+
+def exact(text: str, answer: str) -> bool:
+    from .tasks import exact_match
+
+    return exact_match(text, answer)
+
+
+# -- KL ----------------------------------------------------------------------------------------
+
+
+def kl_terms(logits_full: torch.Tensor, logits_policy: torch.Tensor):
+    """Per position: KL(p_full || p_policy) in nats and top-1 agreement, from [..., V] logits."""
+    lp = F.log_softmax(logits_full.float(), -1)
+    lq = F.log_softmax(logits_policy.float(), -1)
+    kl = F.kl_div(lq, lp, log_target=True, reduction="none").sum(-1)
+    agree = logits_full.argmax(-1) == logits_policy.argmax(-1)
+    return kl.double(), agree
+
+
+@torch.inference_mode()
+def run_kl(model, dataset, cells: list[Cell], store: TaskStore, make_cache, full_cache, *,
+           length: int, batch: int, feed: int, progress: bool = True, run_record: dict) -> None:
+    """KL cells of one (dataset, length): documents in batches, full and policies in lockstep.
+
+    ``dataset``: data.TokenDataset; documents shorter than ``length`` tokens are skipped (listed
+    in the config). ``full_cache()`` makes the reference full cache.
+    """
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    docs = [(n, d[:length]) for n, d in zip(dataset.doc_names, dataset.docs) if len(d) >= length]
+
+    def pending(cell):
+        have = store.cells.get(cell.key, {}).get("results", {})
+        return [n for n, _ in docs if n not in have]
+
+    todo_docs = [(n, d) for n, d in docs if any(n in pending(c) for c in cells)]
+    bar = tqdm(total=len(todo_docs) * length * (1 + len(cells)), unit="tok", unit_scale=True,
+               dynamic_ncols=True, disable=not progress,
+               mininterval=0.5 if sys.stderr.isatty() else 30,
+               desc=f"kl {dataset.name} L={length}")
+    started = time.perf_counter()
+    try:
+        for b in range(0, len(todo_docs), batch):
+            group = todo_docs[b:b + batch]
+            names = [n for n, _ in group]
+            ids = torch.stack([d for _, d in group]).to(device)
+            run = [c for c in cells if any(n in pending(c) for n in names)]
+            caches = {c.key: make_cache(c) for c in run}
+            ref = full_cache()
+            sums = {c.key: torch.zeros(len(group), dtype=torch.float64) for c in run}
+            agree = {c.key: torch.zeros(len(group), dtype=torch.int64) for c in run}
+            secs = {c.key: 0.0 for c in run}
+            for s in range(0, length, feed):
+                chunk = ids[:, s:s + feed]
+                ref_logits = model(input_ids=chunk, **ref.as_kwargs(), use_cache=True).logits
+                bar.update(chunk.numel())
+                for c in run:
+                    t0 = time.perf_counter()
+                    logits = model(input_ids=chunk, **caches[c.key].as_kwargs(),
+                                   use_cache=True).logits
+                    kl, ag = kl_terms(ref_logits, logits)
+                    sums[c.key] += kl.sum(1).cpu()
+                    agree[c.key] += ag.sum(1).cpu()
+                    secs[c.key] += time.perf_counter() - t0
+                    del logits
+                    bar.update(chunk.numel())
+                del ref_logits
+            for c in run:
+                rec = store.cell(c)
+                for r, n in enumerate(names):
+                    rec["results"][n] = {"kl": float(sums[c.key][r] / length),
+                                         "agree": int(agree[c.key][r]) / length,
+                                         "positions": length}
+                rec["seconds"] = round(rec["seconds"] + secs[c.key], 3)
+                rec["complete"] = not pending(c)
+            run_record["seconds"] = round(run_record.get("seconds", 0.0)
+                                          + time.perf_counter() - started, 3)
+            started = time.perf_counter()
+            store.save()
+        for c in cells:
+            if c.key in store.cells and not pending(c):
+                store.cells[c.key]["complete"] = True
+        store.save()
+    finally:
+        bar.close()
+
+
+def policies_in_order(names) -> list[str]:
+    return [p for p in POLICIES if p in set(names)]
