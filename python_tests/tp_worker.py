@@ -54,9 +54,9 @@ def prompts(padded: bool, device):
     return ids.to(device), mask.to(device)
 
 
-def generate(model, policy, ids, mask):
+def generate(model, policy, ids, mask, backend="ops"):
     from weightedkv_ext import WeightedKVCache
-    kw = dict(CACHE)
+    kw = dict(CACHE, backend=backend)
     if policy == "full":
         kw["budget"] = None
     cache = WeightedKVCache(policy=policy, **kw)
@@ -85,6 +85,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--backend", default="gloo")
     ap.add_argument("--policies", default=None, help="comma-separated (default: all)")
+    ap.add_argument("--cache-backend", default="ops", help="WeightedKVCache(backend=...)")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -135,8 +136,8 @@ def main():
                 for policy in policies:
                     case = dict(config=name, padded=padded, policy=policy)
                     try:
-                        tok_ref, log_ref, c_ref = generate(ref, policy, ids, mask)
-                        tok_tp, log_tp, c_tp = generate(tp, policy, ids, mask)
+                        tok_ref, log_ref, c_ref = generate(ref, policy, ids, mask, args.cache_backend)
+                        tok_tp, log_tp, c_tp = generate(tp, policy, ids, mask, args.cache_backend)
                         case.update(
                             ref_tokens=tok_ref.tolist(), tp_tokens=tok_tp.tolist(),
                             max_logit_diff=float((log_ref - log_tp).abs().max()),
