@@ -27,6 +27,7 @@ import tp_worker  # noqa: E402  (python_tests/ is on sys.path under pytest)
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 TIMEOUT_S = 420  # ~35 s alone on 2 cores; generous for a loaded CI machine
+DEVICE = os.environ.get("WKV_TP_DEVICE", "cpu")  # "cuda": NCCL on 2 GPUs (scripts/gpu_multi.sh)
 LOGITS_TOL = 1e-4  # measured ~1.5e-6 (row-parallel all-reduce changes the summation order)
 
 CASES = [(c, p, pol) for c in tp_worker.CONFIGS for p in (False, True)
@@ -66,6 +67,12 @@ def ranks(tmp_path_factory):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={WORLD}", str(ROOT / "python_tests" / "tp_worker.py"),
            "--out", str(out)]
+    if DEVICE == "cuda":
+        if torch.cuda.device_count() < WORLD:
+            pytest.skip(f"WKV_TP_DEVICE=cuda needs {WORLD} GPUs, found {torch.cuda.device_count()}")
+        cmd += ["--device", "cuda", "--backend", "nccl"]
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # else transformers would shard onto the GPUs
     try:
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
                               timeout=TIMEOUT_S)

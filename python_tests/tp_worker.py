@@ -111,9 +111,11 @@ def main():
         for name in CONFIGS:
             folder = Path(tmp) / name
             ref = weightedkv_ext.enable(tiny_llama(name).to(device))
+            # transformers places the shards on the accelerator of LOCAL_RANK if there is one
+            # (hide GPUs with CUDA_VISIBLE_DEVICES= for a CPU run) and on cpu otherwise.
             tp = AutoModelForCausalLM.from_pretrained(
-                folder, distributed_config=DistributedConfig(tp_plan="auto"),
-                dtype=torch.float32, device_map=device if device.type == "cuda" else None)
+                folder, distributed_config=DistributedConfig(tp_plan="auto"), dtype=torch.float32)
+            assert tp.device.type == device.type, (tp.device, device)
             tp = weightedkv_ext.enable(tp.eval())
             wdist.check_model(tp)
             attn = [layer.self_attn for layer in tp.model.layers]
