@@ -36,10 +36,17 @@ def test_layout_keeps_every_query_head_with_its_kv_head(hq, hkv, tp):
     assert seen_kv == list(range(hkv)) and seen_q == list(range(hq))
 
 
+def test_layout_of_replicated_heads_is_offset_zero():
+    """A plan that gathers q/k/v (every rank holds all heads) is not a head split: offset 0."""
+    for rank in range(2):
+        lay = distributed.layout_from_counts(4, 2, 4, 2, rank, 2)
+        assert not lay.sharded and lay.kv_head_offset == lay.q_head_offset == 0
+
+
 @pytest.mark.parametrize("local_q, local_kv, hq, hkv, tp", [
     (1, 1, 4, 2, 4),    # tp_size 4 > 2 KV heads: a rank would hold half a head
     (3, 1, 6, 3, 2),    # 3 KV heads over 2 ranks
-    (2, 2, 4, 2, 2),    # the KV heads were not sharded but the query heads were
+    (2, 2, 4, 2, 2),    # the KV heads were replicated but the query heads were sharded
     (4, 1, 4, 2, 2),    # the query heads were not sharded: GQA groups cut across ranks
 ])
 def test_layout_refuses_an_uneven_split(local_q, local_kv, hq, hkv, tp):

@@ -54,19 +54,76 @@ def prompts(padded: bool, device):
     return ids.to(device), mask.to(device)
 
 
-def generate(model, policy, ids, mask, backend="ops"):
+def generate(model, policy, ids, mask, backend="ops", cache_kw=CACHE, new_tokens=NEW_TOKENS,
+             pad=PAD):
     from weightedkv_ext import WeightedKVCache
-    kw = dict(CACHE, backend=backend)
+    kw = dict(cache_kw, backend=backend)
     if policy == "full":
         kw["budget"] = None
     cache = WeightedKVCache(policy=policy, **kw)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, **cache.as_kwargs(),
-                             max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                             do_sample=False, pad_token_id=PAD, output_logits=True,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=pad, output_logits=True,
                              return_dict_in_generate=True)
     logits = torch.stack(out.logits, 1).float().cpu()  # [B, new, vocab]
     return out.sequences[:, ids.shape[1]:].cpu(), logits, cache
+
+
+def tiny_specs(tmp):
+    specs = []
+    for name in CONFIGS:
+        folder = Path(tmp) / name
+        tiny_llama(name).save_pretrained(folder)
+        specs.append(dict(name=name, folder=folder, model=lambda name=name: tiny_llama(name),
+                          prompts=lambda padded: prompts(padded, "cpu"), cache=CACHE,
+                          new_tokens=NEW_TOKENS, pad=PAD))
+    return specs
+
+
+SMOLLM2_TEXT = (
+    "The lighthouse keeper climbed the spiral stairs every evening at dusk, counting the steps "
+    "as his father had taught him. There were one hundred and twelve of them, worn smooth in the "
+    "middle by a century of boots. At the top he trimmed the wick, polished the great lens with a "
+    "soft cloth, and watched the fishing boats come home across the bay. Some nights the fog "
+    "rolled in so thick that he could not see the rocks below, and on those nights he sounded "
+    "the horn every thirty seconds until dawn. The villagers said they could set their clocks by "
+    "it. In the winter storms the waves broke over the gallery and the whole tower hummed like a "
+    "struck bell. He kept a logbook of every ship that passed, its name, its flag and the hour, "
+    "and in forty years he had never missed a night. When the engineers came to install the "
+    "automatic lamp, they asked him what he would do with his evenings now. He thought about it "
+    "for a long time before he answered.")
+SMOLLM2_CACHE = dict(budget=64, sinks=4, recent=28, chunk_size=32)
+
+
+def smollm2_specs(folder: Path):
+    """SmolLM2-135M-Instruct (offline, GGUF de-quantised to fp32), converted once by rank 0 to a
+    safetensors folder that from_pretrained can shard (reused when it exists); two prompts of
+    ~220 and ~110 tokens, budget 64. Call after the process group exists."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    if dist.get_rank() == 0 and not (folder / "config.json").exists():
+        from weightedkv_ext.models import load_smollm2
+        model, tok = load_smollm2()
+        cfg = model.config
+        if hasattr(cfg, "quantization_config"):  # the GGUF-loaded model cannot be saved as is
+            del cfg.quantization_config
+        plain = LlamaForCausalLM(cfg)
+        plain.load_state_dict(model.state_dict())
+        plain.save_pretrained(folder)
+        tok.save_pretrained(folder)
+    dist.barrier()
+    tok = AutoTokenizer.from_pretrained(folder)
+    words = SMOLLM2_TEXT.split()
+    texts = [SMOLLM2_TEXT, " ".join(words[:len(words) // 2])]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def make_prompts(padded):
+        batch = tok(texts if padded else texts[:1] * 2, return_tensors="pt", padding=True,
+                    padding_side="left")
+        return batch.input_ids, batch.attention_mask
+    return [dict(name="smollm2", folder=folder,
+                 model=lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
+                 prompts=make_prompts, cache=SMOLLM2_CACHE, new_tokens=16, pad=pad)]
 
 
 def dtensor_head_offset(weight, head_dim: int) -> int:
@@ -86,8 +143,12 @@ def main():
     ap.add_argument("--backend", default="gloo")
     ap.add_argument("--policies", default=None, help="comma-separated (default: all)")
     ap.add_argument("--cache-backend", default="ops", help="WeightedKVCache(backend=...)")
+    ap.add_argument("--smollm2", action="store_true",
+                    help="the embedded SmolLM2-135M (9 query / 3 KV heads: --nproc-per-node 3) "
+                         "instead of the tiny random models")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = torch.device(args.device)
@@ -105,12 +166,13 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         # Saved before the process group exists: under torch.distributed save_pretrained writes on
         # rank 0 only, and each rank loads its own copy.
-        for name in CONFIGS:
-            tiny_llama(name).save_pretrained(Path(tmp) / name)
+        specs = None if args.smollm2 else tiny_specs(tmp)
         dist.init_process_group(args.backend)
-        for name in CONFIGS:
-            folder = Path(tmp) / name
-            ref = weightedkv_ext.enable(tiny_llama(name).to(device))
+        if args.smollm2:
+            specs = smollm2_specs(Path(args.out) / "smollm2_model")
+        for spec in specs:
+            name, folder = spec["name"], spec["folder"]
+            ref = weightedkv_ext.enable(spec["model"]().to(device).eval())
             # transformers places the shards on the accelerator of LOCAL_RANK if there is one
             # (hide GPUs with CUDA_VISIBLE_DEVICES= for a CPU run) and on cpu otherwise.
             tp = AutoModelForCausalLM.from_pretrained(
@@ -134,12 +196,14 @@ def main():
                     dtensor_q_offset=dtensor_head_offset(a.q_proj.weight, head_dim)))
             result["layouts"][name] = layouts
             for padded in (False, True):
-                ids, mask = prompts(padded, device)
+                ids, mask = (t.to(device) for t in spec["prompts"](padded))
                 for policy in policies:
                     case = dict(config=name, padded=padded, policy=policy)
+                    gen = dict(backend=args.cache_backend, cache_kw=spec["cache"],
+                               new_tokens=spec["new_tokens"], pad=spec["pad"])
                     try:
-                        tok_ref, log_ref, c_ref = generate(ref, policy, ids, mask, args.cache_backend)
-                        tok_tp, log_tp, c_tp = generate(tp, policy, ids, mask, args.cache_backend)
+                        tok_ref, log_ref, c_ref = generate(ref, policy, ids, mask, **gen)
+                        tok_tp, log_tp, c_tp = generate(tp, policy, ids, mask, **gen)
                         case.update(
                             ref_tokens=tok_ref.tolist(), tp_tokens=tok_tp.tolist(),
                             max_logit_diff=float((log_ref - log_tp).abs().max()),
@@ -153,7 +217,7 @@ def main():
                     except Exception as e:  # recorded, so one failing case does not hide the rest
                         case["error"] = f"{type(e).__name__}: {e}"
                     result["cases"].append(case)
-            del tp
+            del tp, ref
     result["seconds"] = time.time() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

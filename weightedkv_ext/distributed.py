@@ -34,7 +34,8 @@ class TPLayout:
     """Where one attention layer's local heads sit among the model's heads.
 
     ``kv_head_offset``: global index of local KV head 0 (local KV head ``h`` is global
-    ``kv_head_offset + h``). ``tp_size == 1`` (offset 0) when the layer is not tensor parallel.
+    ``kv_head_offset + h``): 0 when the layer is not tensor parallel (``tp_size == 1``) or its
+    heads are not sharded (every rank holds all of them, e.g. a gathered ``colwise_rep`` plan).
     """
 
     tp_rank: int
@@ -45,19 +46,23 @@ class TPLayout:
     global_kv_heads: int
 
     @property
+    def sharded(self) -> bool:
+        return self.local_kv_heads != self.global_kv_heads
+
+    @property
     def kv_head_offset(self) -> int:
-        return self.tp_rank * self.local_kv_heads
+        return self.tp_rank * self.local_kv_heads if self.sharded else 0
 
     @property
     def q_head_offset(self) -> int:
-        return self.tp_rank * self.local_q_heads
+        return self.tp_rank * self.local_q_heads if self.sharded else 0
 
 
 def layout_from_counts(local_q_heads: int, local_kv_heads: int, global_q_heads: int,
                        global_kv_heads: int, tp_rank: int, tp_size: int) -> TPLayout:
     """The layout of a rank's heads when ``q_proj``/``k_proj`` are sharded into ``tp_size``
-    contiguous, equal blocks (transformers' ``colwise`` style); raises if the local heads are not
-    that (uneven split, or GQA groups cut across ranks)."""
+    contiguous, equal blocks (transformers' ``colwise`` style) or not sharded at all; raises for
+    anything else (uneven split, or GQA groups cut across ranks)."""
     def fail(msg):
         raise ValueError(f"weightedkv tensor parallel: {msg}")
 
@@ -70,6 +75,9 @@ def layout_from_counts(local_q_heads: int, local_kv_heads: int, global_q_heads: 
     if global_q_heads % global_kv_heads:
         fail(f"the model's {global_q_heads} query heads are not a multiple of its "
              f"{global_kv_heads} KV heads")
+    if (local_q_heads, local_kv_heads) == (global_q_heads, global_kv_heads):
+        return TPLayout(tp_rank, tp_size, local_q_heads, local_kv_heads, global_q_heads,
+                        global_kv_heads)  # heads not sharded: every rank holds all of them
     if local_kv_heads * tp_size != global_kv_heads or local_q_heads * tp_size != global_q_heads:
         fail(f"rank {tp_rank} of {tp_size} holds {local_q_heads} query / {local_kv_heads} KV heads "
              f"of the model's {global_q_heads} / {global_kv_heads}: the heads are not split evenly "
