@@ -99,7 +99,7 @@ SMOLLM2_CACHE = dict(budget=64, sinks=4, recent=28, chunk_size=32)
 def smollm2_specs(folder: Path):
     """SmolLM2-135M-Instruct (offline, GGUF de-quantised to fp32), converted once by rank 0 to a
     safetensors folder that from_pretrained can shard (reused when it exists); two prompts of
-    ~220 and ~110 tokens, budget 64. Call after the process group exists."""
+    198 and 97 tokens, budget 64. Call after the process group exists."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
     if dist.get_rank() == 0 and not (folder / "config.json").exists():
         from weightedkv_ext.models import load_smollm2
