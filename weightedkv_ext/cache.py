@@ -56,7 +56,7 @@ class WeightedKVLayer(CacheLayerMixin):
         self.engine = KVEngine(**{a: getattr(cache, a) for a in _ENGINE_ARGS},
                                name=f"WeightedKVCache: layer {layer_idx}",
                                reset_hint="cache.reset()")
-        self.engine.ops = cache.ops  # the cache's op module (benchmarks time it via cache.ops)
+        self.engine.ops_source = cache  # the cache's op module (benchmarks time it via cache.ops)
         self.seen = 0
         self.pending = False  # True between update() and the attention function consuming it
 
