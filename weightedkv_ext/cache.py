@@ -27,7 +27,7 @@ from .engine import BACKENDS, KVEngine  # noqa: F401  (BACKENDS re-exported)
 _CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters \
     else "past_key_values"
 
-POLICIES = policies.KERNEL_POLICIES + ("full",)  # the engine's policies, plus no compression
+POLICIES = policies.POLICIES  # every policy= (the registry's table order)
 GROUP_REDUCES = policies.GROUP_REDUCES
 
 _ENABLE_HINT = ('call weightedkv_ext.enable(model) (or load the model with '
