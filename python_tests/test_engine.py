@@ -290,3 +290,22 @@ def test_output_attentions_and_unknown_keywords_are_refused():
     with pytest.raises(TypeError, match=r"attention keyword alibi_slopes=<tensor \(4,\)>"):
         weightedkv_attention_forward(None, q, k, v, None, alibi_slopes=torch.zeros(4))
     assert not cache.layers[0].pending and cache.get_seq_length() == 0
+
+
+def test_engine_and_cache_deep_copy_and_pickle_mid_stream():
+    import copy
+    import pickle
+    engine = KVEngine(budget=8, sinks=1, recent=2, chunk_size=4)
+    engine.attend(*qkv(T=11))
+    model = tiny_llama().requires_grad_(False)
+    cache = weightedkv_ext.WeightedKVCache(8, sinks=1, recent=2, chunk_size=4)
+    with torch.no_grad():
+        model(torch.randint(3, 128, (1, 11)), **cache.as_kwargs())
+    nxt = torch.tensor([[7]])
+    for make in (copy.deepcopy, lambda x: pickle.loads(pickle.dumps(x))):
+        e = make(engine)
+        assert torch.equal(e.attend(*qkv(T=3, seed=9)), engine.attend(*qkv(T=3, seed=9)))
+        c = make(cache)
+        with torch.no_grad():
+            assert torch.equal(model(nxt, **c.as_kwargs()).logits,
+                               model(nxt, **copy.deepcopy(cache).as_kwargs()).logits)

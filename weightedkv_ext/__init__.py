@@ -21,7 +21,7 @@ _register.install()
 _LAZY = {
     "KVEngine": ("engine", "KVEngine"),
     "WeightedKVCache": ("cache", "WeightedKVCache"),
-    "POLICIES": ("cache", "POLICIES"),
+    "POLICIES": ("policies", "POLICIES"),
     "enable": ("attention", "enable"),
     "models": ("models", None),
     "data": ("data", None),

@@ -27,7 +27,7 @@ from .engine import BACKENDS, KVEngine  # noqa: F401  (BACKENDS re-exported)
 _CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters \
     else "past_key_values"
 
-POLICIES = policies.KERNEL_POLICIES + ("full",)  # the engine's policies, plus no compression
+POLICIES = policies.POLICIES  # every policy= (the registry's table order)
 GROUP_REDUCES = policies.GROUP_REDUCES
 
 _ENABLE_HINT = ('call weightedkv_ext.enable(model) (or load the model with '
@@ -56,7 +56,7 @@ class WeightedKVLayer(CacheLayerMixin):
         self.engine = KVEngine(**{a: getattr(cache, a) for a in _ENGINE_ARGS},
                                name=f"WeightedKVCache: layer {layer_idx}",
                                reset_hint="cache.reset()")
-        self.engine.ops = cache.ops  # the cache's op module (benchmarks time it via cache.ops)
+        self.engine.ops_source = cache  # the cache's op module (benchmarks time it via cache.ops)
         self.seen = 0
         self.pending = False  # True between update() and the attention function consuming it
 

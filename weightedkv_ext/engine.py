@@ -87,8 +87,23 @@ class KVEngine:
         self.window = self._check_window(window)
         self.softcap = self._check_softcap(softcap)
         self.sink_logits = sink_logits
-        self.ops = importlib.import_module(f".{backend}", __package__)
+        self.ops_source = None  # an object whose .ops is the op module (the transformers cache)
+        self._ops_override = None
         self.reset()
+
+    @property
+    def ops(self):
+        """The op module: ``weightedkv_ext.ops`` or ``.reference`` (looked up, never stored, so
+        the engine pickles and deep-copies)."""
+        if self._ops_override is not None:
+            return self._ops_override
+        if self.ops_source is not None:
+            return self.ops_source.ops
+        return importlib.import_module(f".{self.backend}", __package__)
+
+    @ops.setter
+    def ops(self, module) -> None:
+        self._ops_override = module
 
     def __repr__(self):
         feats = "".join(f", {k}={v}" for k, v in (("window", self.window),
