@@ -113,3 +113,12 @@ def test_check_model_uses_the_models_tp_size():
     model._tp_size = 4
     with pytest.raises(ValueError, match="tp_size=4"):
         distributed.check_model(model)
+
+
+@pytest.mark.xfail(strict=True, reason="enable() calls distributed.check_model once the issue #12 "
+                                       "patch to attention.py is merged (then drop this mark)")
+def test_enable_refuses_pipeline_parallelism():
+    model = _tiny()
+    model.config.distributed_config = DistributedConfig(tp_size=1, pp_size=2)
+    with pytest.raises(ValueError, match="pipeline parallelism is not supported"):
+        weightedkv_ext.enable(model)

@@ -26,6 +26,9 @@ from weightedkv_ext import WeightedKVCache  # noqa: E402
 import tp_worker  # noqa: E402  (the tiny Llama and prompts shared with the TP test)
 
 CACHE = dict(budget=16, sinks=2, recent=4, chunk_size=8)
+# On meta: budget <= chunk_size, so that an engine growing its slots with the tokens held
+# (amortised doubling, a data-dependent size) reaches budget + chunk_size at its first allocation.
+META_CACHE = dict(budget=8, sinks=2, recent=2, chunk_size=8)
 COMPRESSING = [p for p in weightedkv_ext.POLICIES if p != "full"]
 
 
@@ -86,17 +89,30 @@ def run(model, cache, ids, decode_steps=3):
         model(ids[:, :1], **cache.as_kwargs())
 
 
+@pytest.fixture
+def meta_without_autocast(monkeypatch):
+    """torch.is_autocast_enabled("meta") raises instead of returning False (meta has no
+    autocast); answer False for meta so that an autocast-aware cache can run a meta layer."""
+    enabled = torch.is_autocast_enabled
+
+    def is_enabled(*args):
+        if args and (args[0] == "meta" or getattr(args[0], "type", None) == "meta"):
+            return False
+        return enabled(*args)
+    monkeypatch.setattr(torch, "is_autocast_enabled", is_enabled)
+
+
 @pytest.mark.parametrize("policy", COMPRESSING)
 @pytest.mark.parametrize("name", list(tp_worker.CONFIGS))
-def test_each_layer_keeps_its_state_on_its_device(one_thread, name, policy):
+def test_each_layer_keeps_its_state_on_its_device(one_thread, meta_without_autocast, name, policy):
     ids, _ = tp_worker.prompts(False, "cpu")
     model = split_model(name)
-    cache = WeightedKVCache(policy=policy, **CACHE)
+    cache = WeightedKVCache(policy=policy, **META_CACHE)
     run(model, cache, ids)  # prefill in 5 chunks, 3 decode steps; compression throughout
     assert_on(cache, ["cpu", "meta"])
 
     # The cpu layer is exactly what an all-cpu model computes (layer 0 does not see layer 1).
-    one = WeightedKVCache(policy=policy, **CACHE)
+    one = WeightedKVCache(policy=policy, **META_CACHE)
     run(weightedkv_ext.enable(tp_worker.tiny_llama(name)), one, ids)
     for (path, a), (_, b) in zip(state_tensors(cache.layers[0]), state_tensors(one.layers[0])):
         assert torch.equal(a, b), path

@@ -24,6 +24,8 @@ weightedkv_ext = pytest.importorskip(
 
 import tp_worker  # noqa: E402  (python_tests/ is on sys.path under pytest)
 
+pytestmark = pytest.mark.slow  # one torchrun launch, about a minute on 2 cores
+
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 TIMEOUT_S = 420  # ~35 s alone on 2 cores; generous for a loaded CI machine

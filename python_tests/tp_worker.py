@@ -8,7 +8,9 @@ and, for each config (GQA 4 query / 2 KV heads, MHA 4 / 4), each policy, without
 padding, runs greedy ``generate()`` with a ``WeightedKVCache`` on the sharded model and on the
 unsharded one (the single-process run). It writes ``rank<r>.json`` with the tokens, logits
 difference, cache bytes and head layouts; the test asserts on them. ``--device cuda`` (with
-``--backend nccl``) runs the same on GPUs (scripts/gpu_multi.sh).
+``--backend nccl``) runs the same on GPUs (scripts/gpu_multi.sh); ``--smollm2`` runs the embedded
+SmolLM2-135M instead (9 query / 3 KV heads: ``--nproc-per-node 3``; ~9 minutes on 2 busy cores);
+``--cache-backend reference`` uses the pure-PyTorch ops.
 """
 from __future__ import annotations
 
@@ -161,7 +163,7 @@ def main():
     from weightedkv_ext import distributed as wdist
 
     policies = args.policies.split(",") if args.policies else list(weightedkv_ext.POLICIES)
-    result = dict(rank=rank, world=world, cases=[], layouts={}, errors=[])
+    result = dict(rank=rank, world=world, cases=[], layouts={})
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         # Saved before the process group exists: under torch.distributed save_pretrained writes on
