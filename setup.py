@@ -1,9 +1,10 @@
 """Build of weightedkv_ext and its compiled ops library weightedkv_ext._C.
 
-CPU-only (CppExtension over csrc/torch_bindings.cpp + csrc/host/*.cpp + csrc/cpu/*.cpp) unless
+CPU-only (CppExtension over WKV_CORE_SOURCES of cmake/sources.cmake) unless
 CUDA is wanted and possible: torch built with CUDA (torch.version.cuda), a toolkit found (CUDA_HOME /
 nvcc) and USE_CUDA != 0 (no GPU needed); FORCE_CUDA=1 turns "cannot build CUDA" into an error.
-TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0".
+TORCH_CUDA_ARCH_LIST defaults to WKV_DEFAULT_CUDA_ARCHS. Sources and the flags the numerics depend on
+come from cmake/sources.cmake, the list CMakeLists.txt uses too.
 
     pip install --no-build-isolation -e .      (or: bash scripts/build.sh, CPU-only)
     pip install --no-build-isolation .
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import sys
 
 from setuptools import find_packages, setup
@@ -22,8 +24,13 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _rel(pattern: str) -> list[str]:
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+def _cmake_lists(path: str = os.path.join(ROOT, "cmake", "sources.cmake")) -> dict[str, list[str]]:
+    """The ``set(NAME v1 v2 ...)`` lists of cmake/sources.cmake (comments dropped)."""
+    text = re.sub(r"#[^\n]*", "", open(path).read())
+    return {m.group(1): m.group(2).split() for m in re.finditer(r"set\(\s*(\w+)\s+([^)]*)\)", text)}
+
+
+CONFIG = _cmake_lists()
 
 
 def _want_cuda() -> tuple[bool, str]:
@@ -38,8 +45,6 @@ def _want_cuda() -> tuple[bool, str]:
 
         if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
             why = "no CUDA toolkit found (set CUDA_HOME)"
-        elif not _rel("csrc/cuda/*.cu"):
-            why = "csrc/cuda/ has no .cu files"
     if why and os.environ.get("FORCE_CUDA", "") == "1":
         raise RuntimeError(f"weightedkv_ext: FORCE_CUDA=1 but the CUDA kernels cannot be built: {why}")
     return not why, why
@@ -61,10 +66,10 @@ def _nvidia_pip_includes() -> list[str]:
 
 def _extension():
     # torch >= 2.10 headers need C++20 (std::strong_ordering, string_view::starts_with).
-    cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-DWKV_PYTHON_MODULE"]
+    cxx = ["-O3", "-std=c++20", *CONFIG["WKV_NUMERICS_CXX_FLAGS"], "-DWKV_PYTHON_MODULE"]
     if torch.backends.openmp.is_available():
         cxx.append("-fopenmp")
-    sources = _rel("csrc/torch_bindings.cpp") + _rel("csrc/host/*.cpp") + _rel("csrc/cpu/*.cpp")
+    sources = CONFIG["WKV_CORE_SOURCES"]
     use_cuda, why = _want_cuda()
     if not use_cuda:
         print(f"weightedkv_ext: building CPU-only ({why})", flush=True)
@@ -72,14 +77,13 @@ def _extension():
             "weightedkv_ext._C", sources, extra_compile_args={"cxx": cxx},
             extra_link_args=["-fopenmp"] if "-fopenmp" in cxx else [],
         )
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ";".join(CONFIG["WKV_DEFAULT_CUDA_ARCHS"]))
     after = _nvidia_pip_includes()
-    nvcc = ["-O3", "-std=c++20", "--fmad=false", "-DWKV_WITH_CUDA", "--expt-relaxed-constexpr"]
+    nvcc = ["-O3", "-std=c++20", *CONFIG["WKV_NUMERICS_CUDA_FLAGS"], *CONFIG["WKV_CUDA_EXTRA_FLAGS"]]
     nvcc += [f"-Xcompiler=-idirafter{d}" for d in after]
     return CUDAExtension(
-        "weightedkv_ext._C", sources + _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/*.cpp"),
-        extra_compile_args={"cxx": cxx + ["-DWKV_WITH_CUDA"] + [f"-idirafter{d}" for d in after],
-                            "nvcc": nvcc},
+        "weightedkv_ext._C", sources + CONFIG["WKV_CUDA_SOURCES"],
+        extra_compile_args={"cxx": cxx + [f"-idirafter{d}" for d in after], "nvcc": nvcc},
         extra_link_args=["-fopenmp"] if "-fopenmp" in cxx else [],
     )
 
@@ -89,8 +93,6 @@ setup(
     version="0.1.0",
     description="WeightedKV KV-cache compression ops (C++/CUDA) for PyTorch and transformers",
     packages=find_packages(include=["weightedkv_ext", "weightedkv_ext.*"]),
-    package_data={"weightedkv_ext": ["py.typed", "**/*.json", "**/*.txt"]},
-    include_package_data=True,
     python_requires=">=3.10",
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

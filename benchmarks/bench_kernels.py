@@ -273,6 +273,8 @@ def block_peak_bytes_here(variant: str, dtype: str, B: int, budget: int, Q: int)
     """In this (fresh) process: peak resident bytes of one step above the resident bytes before."""
     st, query, qpos = block_inputs(B, budget, Q, getattr(torch, dtype))
     fn = BLOCK_VARIANTS[variant]
+    import ctypes
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed set-up temporaries leave the resident set
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak (VmHWM) to the current resident size
     before = _rss_kib("VmRSS")

@@ -2,10 +2,12 @@
 whatever the thread count (docs/design.md: fixed reduction orders, no float atomics).
 
 Each run happens in a fresh subprocess started with OMP_NUM_THREADS=n and torch.set_num_threads(n)
-(the thread pool is sized once per process) and prints a SHA-256 over every resulting tensor:
-(1) the four ops on shapes large enough that the CPU kernels split the work over threads, every
-policy and dtype; (2) a short model run (tiny random Llama, chunked prefill + decode steps)
-through a WeightedKVCache, for two policies.
+(the thread pool is sized once per process) and WKV_TEST_TASK_WORK=1 (csrc/cpu/cpu_common.h: every
+(b, h) row is a task of its own, so with 2 threads every op really splits its work; the default
+grain would run these small shapes inline on one thread) and prints a SHA-256 over every
+resulting tensor: (1) the ops, every policy and dtype, the attention features included; (2) a
+short model run (tiny random Llama, chunked prefill + decode steps) through a WeightedKVCache,
+for two policies.
 
 Run directly: ``python python_tests/test_determinism.py <threads>`` prints the fingerprints.
 """
@@ -37,7 +39,7 @@ def ops_fingerprint() -> str:
 
     ops = compiled_ops()
     out = []
-    B, H, G, C, D, T = 4, 32, 2, 96, 32, 8  # 128 (b, h) rows: several tasks per op
+    B, H, G, C, D, T = 4, 32, 2, 96, 32, 8  # 128 (b, h) rows, one task each
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for i, policy in enumerate(("weightedkv", "evict", "h2o", "tova", "streaming", "cam")):
             g = torch.Generator().manual_seed(i)
@@ -53,8 +55,13 @@ def ops_fingerprint() -> str:
             o = ops.decode_attention(q, st.keys, st.values, st.slot_pos,
                                      torch.tensor([95, 94, -1, 95]), st.scores, st.counts,
                                      st.last, D ** -0.5, "max")
-            ops.compress(*st, 40, 4, 8, policy, cam_window=5, seed=7)
-            out += [*st, o]
+            sinks = torch.randn(H * G, generator=g)
+            ob = ops.block_attention(torch.randn(B, H * G, T, D, generator=g).to(dtype),
+                                     st.keys, st.values, st.slot_pos, pos, st.scores, st.counts,
+                                     st.last, D ** -0.5, "sum", window=40, softcap=5.0,
+                                     sinks=sinks)
+            ops.compress(*st, 40, 4, 8, policy, cam_window=5, seed=7, head_offset=i)
+            out += [*st, o, ob]
     return _digest(out)
 
 
@@ -81,7 +88,7 @@ def fingerprints(threads: int) -> dict:
     # PASSIVE: idle OpenMP threads sleep instead of spinning (a busy 2-core box otherwise makes
     # every parallel region wait for a descheduled spinner: 10x slower, same results).
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               OMP_WAIT_POLICY="PASSIVE",
+               OMP_WAIT_POLICY="PASSIVE", WKV_TEST_TASK_WORK="1",
                PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
     res = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(threads)], env=env,
                          capture_output=True, text=True, timeout=300)

@@ -197,32 +197,52 @@ def test_stream_matches_reference(policy):
     assert_states_equal(got, want)
 
 
-def test_results_do_not_depend_on_thread_count():
-    """Enough (b, h) rows that the CPU kernels split the work; 1 thread == 2 threads == reference
-    (compress), bit for bit."""
+def _thread_run(threads: int) -> None:
+    """Body of test_results_do_not_depend_on_thread_count, in a subprocess: prints a digest."""
+    import hashlib
+    torch.set_num_threads(threads)
     ops = compiled_ops()
     st = random_state(4, 64, 40, 8, torch.float16, held=lambda b, h: 20 + (b * h) % 17, seed=12)
-    probs = torch.rand(4, 128, 2, 40)
+    g = torch.Generator().manual_seed(13)  # inputs identical in both processes
+    probs = torch.rand(4, 128, 2, 40, generator=g)
     qpos = torch.tensor([[50, 130]] * 4)
-    query = torch.randn(4, 128, 8, dtype=torch.float16)
-    results = []
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            s = state_copy(st)
-            ops.accumulate(probs, s.slot_pos, qpos, s.scores, s.counts, s.last)
-            out = ops.decode_attention(query, s.keys, s.values, s.slot_pos, qpos[:, 1], s.scores,
-                                       s.counts, s.last, 0.3)
-            ops.compress(*s, 12, 2, 2, "weightedkv")
-            results.append((s, out))
-    finally:
-        torch.set_num_threads(threads)
-    (s1, out1), (s2, out2) = results
-    assert torch.equal(out1, out2)
-    assert_states_equal(s1, s2)
+    query = torch.randn(4, 128, 8, generator=g).half()
     s = state_copy(st)
-    ops.compress(*s, 12, 2, 2, "cam")
+    ops.accumulate(probs, s.slot_pos, qpos, s.scores, s.counts, s.last)
+    out = ops.decode_attention(query, s.keys, s.values, s.slot_pos, qpos[:, 1], s.scores,
+                               s.counts, s.last, 0.3)
+    ob = ops.block_attention(query[:, :, None].expand(4, 128, 2, 8), s.keys, s.values,
+                             s.slot_pos, qpos, s.scores, s.counts, s.last, 0.3, window=30)
+    ops.compress(*s, 12, 2, 2, "weightedkv")
+    c = state_copy(st)
+    ops.compress(*c, 12, 2, 2, "cam")
     r = state_copy(st)
     ref.compress(*r, 12, 2, 2, "cam")
-    assert_states_equal(s, r)
+    assert_states_equal(c, r)
+    h = hashlib.sha256()
+    for t in (*s, out, ob, *c):
+        h.update(t.contiguous().view(torch.uint8 if t.dtype != torch.int64 else torch.int64)
+                 .numpy().tobytes())
+    print("digest=" + h.hexdigest())
+
+
+def test_results_do_not_depend_on_thread_count():
+    """256 (b, h) rows, each its own task (WKV_TEST_TASK_WORK=1: the kernels' grain would run
+    these shapes inline), so 2 threads really split every op; 1 thread == 2 threads bit for bit,
+    and compress == the reference. Fresh processes: the thread pool is sized once."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    here = Path(__file__).resolve().parent
+    digests = []
+    for n in (1, 2):
+        env = dict(os.environ, OMP_NUM_THREADS=str(n), WKV_TEST_TASK_WORK="1",
+                   OMP_WAIT_POLICY="PASSIVE",
+                   PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]))
+        res = subprocess.run([sys.executable, "-c", "import test_ops_vs_reference as t; "
+                              f"t._thread_run({n})"], env=env, cwd=here, capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        digests.append(res.stdout.split("digest=")[1].split()[0])
+    assert digests[0] == digests[1]

@@ -9,6 +9,7 @@
 
 #include <vector>
 
+#include "../ops.h"
 #include "../dispatch.h"
 #include "../host/elem_type.h"
 #include "../host/prepare.h"
@@ -90,7 +91,9 @@ WKV_AVX2_TARGET void accumulate_rows_avx2(const AccumulateParams& p, int64_t beg
   accumulate_rows<T>(p, begin, end);
 }
 
-void accumulate_cpu(const at::Tensor& probs, const at::Tensor& slot_pos,
+}  // namespace
+
+void accumulate(const at::Tensor& probs, const at::Tensor& slot_pos,
                     const at::Tensor& query_pos, const at::Tensor& scores,
                     const at::Tensor& counts, const at::Tensor& last,
                     c10::string_view group_reduce) {
@@ -108,8 +111,6 @@ void accumulate_cpu(const at::Tensor& probs, const at::Tensor& slot_pos,
   });
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(weightedkv, CPU, m) { m.impl("accumulate", &accumulate_cpu); }
+TORCH_LIBRARY_IMPL(weightedkv, CPU, m) { m.impl("accumulate", &accumulate); }
 
 }  // namespace wkv::cpu

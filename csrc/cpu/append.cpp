@@ -5,6 +5,7 @@
 
 #include <vector>
 
+#include "../ops.h"
 #include "../dispatch.h"
 #include "../host/elem_type.h"
 #include "../host/prepare.h"
@@ -14,7 +15,9 @@
 namespace wkv::cpu {
 namespace {
 
-void append_cpu(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& scores,
+}  // namespace
+
+void append(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& scores,
                 const at::Tensor& counts, const at::Tensor& last, const at::Tensor& slot_pos,
                 const at::Tensor& new_keys, const at::Tensor& new_values,
                 const at::Tensor& new_pos) {
@@ -43,8 +46,6 @@ void append_cpu(const at::Tensor& keys, const at::Tensor& values, const at::Tens
   });
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(weightedkv, CPU, m) { m.impl("append", &append_cpu); }
+TORCH_LIBRARY_IMPL(weightedkv, CPU, m) { m.impl("append", &append); }
 
 }  // namespace wkv::cpu

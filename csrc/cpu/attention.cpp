@@ -20,6 +20,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../ops.h"
 #include "../dispatch.h"
 #include "../host/elem_type.h"
 #include "../host/prepare.h"
@@ -328,7 +329,9 @@ void run(const AttentionParams& p, at::ScalarType dtype) {
   });
 }
 
-void decode_attention_cpu(const at::Tensor& query, const at::Tensor& keys,
+}  // namespace
+
+void decode_attention(const at::Tensor& query, const at::Tensor& keys,
                           const at::Tensor& values, const at::Tensor& slot_pos,
                           const at::Tensor& query_pos, const at::Tensor& scores,
                           const at::Tensor& counts, const at::Tensor& last, double scale,
@@ -339,7 +342,7 @@ void decode_attention_cpu(const at::Tensor& query, const at::Tensor& keys,
       query.scalar_type());
 }
 
-void block_attention_cpu(const at::Tensor& query, const at::Tensor& keys,
+void block_attention(const at::Tensor& query, const at::Tensor& keys,
                          const at::Tensor& values, const at::Tensor& slot_pos,
                          const at::Tensor& query_pos, const at::Tensor& scores,
                          const at::Tensor& counts, const at::Tensor& last, double scale,
@@ -350,11 +353,9 @@ void block_attention_cpu(const at::Tensor& query, const at::Tensor& keys,
       query.scalar_type());
 }
 
-}  // namespace
-
 TORCH_LIBRARY_IMPL(weightedkv, CPU, m) {
-  m.impl("decode_attention", &decode_attention_cpu);
-  m.impl("block_attention", &block_attention_cpu);
+  m.impl("decode_attention", &decode_attention);
+  m.impl("block_attention", &block_attention);
 }
 
 }  // namespace wkv::cpu

@@ -19,6 +19,7 @@
 #include <limits>
 #include <vector>
 
+#include "../ops.h"
 #include "../dispatch.h"
 #include "../host/elem_type.h"
 #include "../host/prepare.h"
@@ -311,7 +312,9 @@ class RowCompressor {
   T* values_;
 };
 
-void compress_cpu(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& scores,
+}  // namespace
+
+void compress(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& scores,
                   const at::Tensor& counts, const at::Tensor& last, const at::Tensor& slot_pos,
                   int64_t budget, int64_t sinks, int64_t recent, c10::string_view policy,
                   int64_t cam_window, int64_t seed, int64_t head_offset) {
@@ -331,8 +334,6 @@ void compress_cpu(const at::Tensor& keys, const at::Tensor& values, const at::Te
   });
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(weightedkv, CPU, m) { m.impl("compress", &compress_cpu); }
+TORCH_LIBRARY_IMPL(weightedkv, CPU, m) { m.impl("compress", &compress); }
 
 }  // namespace wkv::cpu

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 
+#include "../ops.h"
 #include "../host/elem_type.h"
 #include "../host/prepare.h"
 #include "../dispatch.h"
@@ -58,7 +59,9 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(const AccumulatePa
   p.last[off(p.last_st, b, h, c)] = plast;
 }
 
-void accumulate_cuda(const at::Tensor& probs, const at::Tensor& slot_pos,
+}  // namespace
+
+void accumulate(const at::Tensor& probs, const at::Tensor& slot_pos,
                      const at::Tensor& query_pos, const at::Tensor& scores,
                      const at::Tensor& counts, const at::Tensor& last,
                      c10::string_view group_reduce) {
@@ -76,8 +79,6 @@ void accumulate_cuda(const at::Tensor& probs, const at::Tensor& slot_pos,
   });
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(weightedkv, CUDA, m) { m.impl("accumulate", &accumulate_cuda); }
+TORCH_LIBRARY_IMPL(weightedkv, CUDA, m) { m.impl("accumulate", &accumulate); }
 
 }  // namespace wkv::gpu

@@ -16,6 +16,7 @@
 
 #include <climits>
 
+#include "../ops.h"
 #include "../host/elem_type.h"
 #include "../host/prepare.h"
 #include "../dispatch.h"
@@ -101,7 +102,9 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-void append_cuda(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& scores,
+}  // namespace
+
+void append(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& scores,
                  const at::Tensor& counts, const at::Tensor& last, const at::Tensor& slot_pos,
                  const at::Tensor& new_keys, const at::Tensor& new_values,
                  const at::Tensor& new_pos) {
@@ -132,8 +135,6 @@ void append_cuda(const at::Tensor& keys, const at::Tensor& values, const at::Ten
   });
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(weightedkv, CUDA, m) { m.impl("append", &append_cuda); }
+TORCH_LIBRARY_IMPL(weightedkv, CUDA, m) { m.impl("append", &append); }
 
 }  // namespace wkv::gpu

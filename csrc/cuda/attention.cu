@@ -28,6 +28,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../ops.h"
 #include "../dispatch.h"
 #include "../host/elem_type.h"
 #include "../host/prepare.h"
@@ -378,7 +379,9 @@ void run(const AttentionParams& p, const at::Tensor& keys, const at::Tensor& val
   });
 }
 
-void decode_attention_cuda(const at::Tensor& query, const at::Tensor& keys,
+}  // namespace
+
+void decode_attention(const at::Tensor& query, const at::Tensor& keys,
                            const at::Tensor& values, const at::Tensor& slot_pos,
                            const at::Tensor& query_pos, const at::Tensor& scores,
                            const at::Tensor& counts, const at::Tensor& last, double scale,
@@ -389,7 +392,7 @@ void decode_attention_cuda(const at::Tensor& query, const at::Tensor& keys,
       keys, values, "decode_attention");
 }
 
-void block_attention_cuda(const at::Tensor& query, const at::Tensor& keys,
+void block_attention(const at::Tensor& query, const at::Tensor& keys,
                           const at::Tensor& values, const at::Tensor& slot_pos,
                           const at::Tensor& query_pos, const at::Tensor& scores,
                           const at::Tensor& counts, const at::Tensor& last, double scale,
@@ -400,11 +403,9 @@ void block_attention_cuda(const at::Tensor& query, const at::Tensor& keys,
       keys, values, "block_attention");
 }
 
-}  // namespace
-
 TORCH_LIBRARY_IMPL(weightedkv, CUDA, m) {
-  m.impl("decode_attention", &decode_attention_cuda);
-  m.impl("block_attention", &block_attention_cuda);
+  m.impl("decode_attention", &decode_attention);
+  m.impl("block_attention", &block_attention);
 }
 
 }  // namespace wkv::gpu

@@ -24,6 +24,7 @@
 
 #include <climits>
 
+#include "../ops.h"
 #include "../host/elem_type.h"
 #include "../host/prepare.h"
 #include "../dispatch.h"
@@ -293,15 +294,11 @@ __global__ void __launch_bounds__(kMaxThreads)
       if (m > 0) {
         const float prob = cam_probability(avg(j), wkv_div(sum, static_cast<float>(m)));
         if (cam_uniform(p.seed, b, p.head_offset + h, pj) < prob) {
-          const float fm = static_cast<float>(m);
           for (int s = tid; s < C; s += nthreads) {
             const int64_t q = wpos[s];
             if (q < 0 || !pair_less(pj, j, q, s) || pair_less(last_in.pos, last_in.slot, q, s))
               continue;
-            T* vi = values + off(c.values_st, b, h, s, 0);
-            for (int d = 0; d < c.D; ++d)
-              vi[d * vs] = from_float<T>(
-                  wkv_add(to_float(vi[d * vs]), wkv_div(to_float(vj[d * vs]), fm)));
+            cam_add_row<T>(vj, values + off(c.values_st, b, h, s, 0), c.D, vs, vs, m);  // merge.h
           }
         }
       }
@@ -319,7 +316,9 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-void compress_cuda(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& scores,
+}  // namespace
+
+void compress(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& scores,
                    const at::Tensor& counts, const at::Tensor& last, const at::Tensor& slot_pos,
                    int64_t budget, int64_t sinks, int64_t recent, c10::string_view policy,
                    int64_t cam_window, int64_t seed, int64_t head_offset) {
@@ -350,8 +349,6 @@ void compress_cuda(const at::Tensor& keys, const at::Tensor& values, const at::T
   });
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(weightedkv, CUDA, m) { m.impl("compress", &compress_cuda); }
+TORCH_LIBRARY_IMPL(weightedkv, CUDA, m) { m.impl("compress", &compress); }
 
 }  // namespace wkv::gpu

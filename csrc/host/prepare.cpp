@@ -165,9 +165,9 @@ void pack_kv(P& p, const at::Tensor& keys, const at::Tensor& values) {
   p.values_st = st4(values);
 }
 
-// Pointers + strides of slot_pos and the stats (CacheParams, AccumulateParams, AttentionParams).
-template <class P>
-void pack_stats(P& p, const at::Tensor& slot_pos, const at::Tensor& scores,
+// Pointers + strides of slot_pos and the stats (the StatsParams part of CacheParams,
+// AccumulateParams, AttentionParams).
+void pack_stats(StatsParams& p, const at::Tensor& slot_pos, const at::Tensor& scores,
                 const at::Tensor& counts, const at::Tensor& last) {
   p.slot_pos = slot_pos.data_ptr<int64_t>();
   p.pos_st = st3(slot_pos);
@@ -192,11 +192,19 @@ CacheParams make_cache(const at::Tensor& keys, const at::Tensor& values, const a
   return c;
 }
 
+// "'a', 'b', 'c'" from a names table of policy.h (the error messages list what the kernels take).
+std::string quoted_names(const char* const* names, int n) {
+  std::string out;
+  for (int i = 0; i < n; ++i) out += (i ? ", '" : "'") + std::string(names[i]) + "'";
+  return out;
+}
+
 GroupReduce parse_reduce_or_throw(const char* op, c10::string_view group_reduce) {
   const std::string name(group_reduce);
   GroupReduce r;
   TORCH_CHECK(plain_name(name) && parse_group_reduce(name.c_str(), &r), op,
-              ": group_reduce must be one of 'mean', 'sum', 'max', got '", printable(name), "'");
+              ": group_reduce must be one of ", quoted_names(kGroupReduceNames, kNumGroupReduces),
+              ", got '", printable(name), "'");
   return r;
 }
 
@@ -307,8 +315,8 @@ CompressParams prepare_compress(const at::Tensor& keys, const at::Tensor& values
   CompressParams p;
   const std::string policy(policy_name);
   TORCH_CHECK(plain_name(policy) && parse_policy(policy.c_str(), &p.policy), op,
-              ": policy must be one of 'weightedkv', 'evict', 'h2o', 'tova', 'streaming', "
-              "'cam', got '", printable(policy), "'");
+              ": policy must be one of ", quoted_names(kPolicyNames, kNumPolicies), ", got '",
+              printable(policy), "'");
   check_cache_no_aliasing(op, keys, values, scores, counts, last, slot_pos, {});
   p.cache = make_cache(keys, values, scores, counts, last, slot_pos);
   p.budget = budget;
