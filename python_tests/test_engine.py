@@ -265,17 +265,25 @@ def test_autocast_computes_in_the_autocast_dtype_like_sdpa():
 def test_masking_out_a_cached_token_is_refused():
     model = tiny_llama().requires_grad_(False)
     cache = weightedkv_ext.WeightedKVCache(64, chunk_size=4)
-    ids = torch.randint(3, 128, (1, 7))
+    ids = torch.randint(3, 128, (1, 8))
+    first = torch.tensor([[0, 1, 1, 1, 1, 1]])  # column 0: left padding
     with torch.no_grad():
-        model(ids[:, :6], attention_mask=torch.ones(1, 6, dtype=torch.long), **cache.as_kwargs())
-        mask = torch.ones(1, 7, dtype=torch.long)
-        mask[0, 2] = 0  # a real token, already cached
-        with pytest.raises(ValueError, match=r"attention_mask marks \[5\] of the 6 cached "
-                                             r"columns as real .* holds \[6\]"):
-            model(ids[:, 6:], attention_mask=mask, **cache.as_kwargs())
-        model(ids[:, 6:], attention_mask=torch.ones(1, 7, dtype=torch.long),
-              **cache.as_kwargs())  # the cache is intact
-    assert cache.get_seq_length() == 7
+        model(ids[:, :6], attention_mask=first, **cache.as_kwargs())
+        for col, match in ((2, r"marks cached column 2 of row 0 as padding, but it was cached "
+                                r"as real"),
+                           (0, r"marks cached column 0 of row 0 as real, but it was cached as "
+                               r"padding")):
+            mask = torch.cat([first, torch.ones(1, 1, dtype=torch.long)], 1)
+            mask[0, col] = 1 - mask[0, col]
+            if col == 0:
+                mask[0, 3] = 0  # the same number of real columns, swapped
+            with pytest.raises(ValueError, match="weightedkv attention: the attention_mask " +
+                                                 match):
+                model(ids[:, 6:7], attention_mask=mask, **cache.as_kwargs())
+        # padding recorded as padding is fine, and the cache is intact
+        model(ids[:, 6:7], attention_mask=torch.cat([first, torch.ones(1, 1).long()], 1),
+              **cache.as_kwargs())
+    assert cache.get_seq_length() == 7 and cache.layers[0].row_seen.tolist() == [6]
 
 
 def test_output_attentions_and_unknown_keywords_are_refused():

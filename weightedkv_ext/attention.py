@@ -37,17 +37,18 @@ class WeightedKVMask:
     """What the ``weightedkv`` mask function hands to the attention function.
 
     ``real``: bool ``[B, Q]`` (True = real token, False = padding) for the new tokens, or None when
-    every token is real. ``past_real``: int64 ``[B]``, how many of the ``past_columns`` columns
+    every token is real. ``past``: bool ``[B, past_columns]``, what the 2-D mask says about the
+    columns before the new tokens (None: the mask covered only the new tokens).
     before the new tokens the 2-D mask marks real (None: the mask covered only the new tokens).
     ``sdpa()`` builds the ordinary sdpa mask, for the fallback path only.
     """
 
-    __slots__ = ("real", "past_real", "past_columns", "_sdpa_kwargs", "_sdpa_mask")
+    __slots__ = ("real", "past", "_sdpa_kwargs", "_sdpa_mask")
 
     def __init__(self, real: torch.Tensor | None, sdpa_kwargs: dict | None,
-                 past_real: torch.Tensor | None = None, past_columns: int = 0):
+                 past: torch.Tensor | None = None):
         self.real = real
-        self.past_real, self.past_columns = past_real, past_columns
+        self.past = past
         self._sdpa_kwargs = sdpa_kwargs
         self._sdpa_mask = None
 
@@ -66,7 +67,7 @@ def weightedkv_mask(batch_size: int, q_length: int, kv_length: int, q_offset: in
                     kv_offset: int = 0, attention_mask: torch.Tensor | None = None,
                     **kwargs) -> WeightedKVMask:
     """Mask function registered under ``weightedkv`` (signature of transformers' ``sdpa_mask``)."""
-    real, past_real, past_columns = None, None, 0
+    real, past = None, None
     if attention_mask is not None:
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size \
                 or attention_mask.shape[1] < q_length:
@@ -76,13 +77,12 @@ def weightedkv_mask(batch_size: int, q_length: int, kv_length: int, q_offset: in
         real = attention_mask[:, -q_length:].to(torch.bool)
         if bool(real.all()):
             real = None
-        past_columns = attention_mask.shape[1] - q_length
-        if past_columns:
-            past_real = attention_mask[:, :past_columns].to(torch.bool).sum(1)
+        if attention_mask.shape[1] > q_length:
+            past = attention_mask[:, :-q_length].to(torch.bool)
     sdpa_kwargs = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
                        q_offset=q_offset, kv_offset=kv_offset, attention_mask=attention_mask,
                        **kwargs)
-    return WeightedKVMask(real, sdpa_kwargs, past_real, past_columns)
+    return WeightedKVMask(real, sdpa_kwargs, past)
 
 
 def _check_kwargs(module, dropout, kwargs) -> None:

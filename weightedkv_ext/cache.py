@@ -59,6 +59,7 @@ class WeightedKVLayer(CacheLayerMixin):
         self.engine.ops_source = cache  # the cache's op module (benchmarks time it via cache.ops)
         self.seen = 0
         self.pending = False  # True between update() and the attention function consuming it
+        self.columns = None  # layer 0 only: bool [B, seen], which cached columns were real
 
     # The engine's storage, read-only (tests and tools inspect it).
     keys = property(lambda self: self.engine.keys)
@@ -111,30 +112,50 @@ class WeightedKVLayer(CacheLayerMixin):
         """
         self.pending = False
         try:
-            real = None
-            if mask is not None:
-                real = mask.real
-                self._check_cached_columns(mask, key.shape[2])
-            return self.engine.attend(query, key, value, real=real, scale=scaling,
-                                      window=window, softcap=softcap, sink_logits=sink_logits,
-                                      caller="weightedkv attention")
+            real = None if mask is None else mask.real
+            columns = None
+            if self.layer_idx == 0:
+                if mask is not None:
+                    self._check_cached_columns(mask)
+                columns = self._columns_after(real, key)
+            out = self.engine.attend(query, key, value, real=real, scale=scaling,
+                                     window=window, softcap=softcap, sink_logits=sink_logits,
+                                     caller="weightedkv attention")
         except BaseException:
             self.seen -= key.shape[2]  # undo update(): the layer is as before the call
             raise
+        if columns is not None:
+            self.columns = columns
+        return out
 
-    def _check_cached_columns(self, mask, T: int) -> None:
-        """A 2-D attention_mask may not hide a token that is already cached (it cannot be
-        un-seen): the mask's ones over the cached columns must count each row's cached tokens."""
-        past = mask.past_real
-        if past is None or mask.past_columns != self.seen - T or not self.is_initialized:
+    def _columns_after(self, real, key):
+        """``columns`` once this call's tokens are cached (bool ``[B, seen]``, True = real)."""
+        if not isinstance(key, torch.Tensor) or key.dim() != 4:
+            return None
+        B, _, T, _ = key.shape
+        new = torch.ones(B, T, dtype=torch.bool, device=key.device) if real is None \
+            else real.to(device=key.device, dtype=torch.bool)
+        if self.columns is None or self.columns.shape[0] != B:
+            return new if self.seen == T else None
+        return torch.cat([self.columns, new], 1)
+
+    def _check_cached_columns(self, mask) -> None:
+        """A 2-D attention_mask may not change its verdict on a cached column (a token cannot be
+        un-seen, padding was never stored). Layer 0 records which columns were real and checks
+        the mask's cached columns against it (once per forward: every layer gets the same mask)."""
+        past, cols = mask.past, self.columns
+        if past is None or cols is None or tuple(past.shape) != tuple(cols.shape):
+            return  # the mask does not cover exactly the cached columns: nothing to compare
+        past = past.to(cols.device)
+        if torch.equal(past, cols):
             return
-        if not torch.equal(past.to(self.row_seen.device), self.row_seen):
-            raise ValueError(
-                f"weightedkv attention: the attention_mask marks {past.tolist()} of the "
-                f"{mask.past_columns} cached columns as real per row, but layer {self.layer_idx} "
-                f"holds {self.row_seen.tolist()} real tokens per row: masking out (or "
-                "un-masking) a token after it was cached is not supported; keep the mask's "
-                "cached columns as they were (1 = real, 0 = padding) or start a new cache")
+        b, c = (past != cols).nonzero()[0].tolist()
+        raise ValueError(
+            f"weightedkv attention: the attention_mask marks cached column {c} of row {b} as "
+            f"{'real' if past[b, c] else 'padding'}, but it was cached as "
+            f"{'real' if cols[b, c] else 'padding'}: masking out (or un-masking) a token after "
+            "it was cached is not supported; keep the mask's cached columns as they were "
+            "(1 = real, 0 = padding) or start a new cache")
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # Only the sdpa fallback uses these sizes; the weightedkv attention masks by slot_pos.
@@ -150,6 +171,7 @@ class WeightedKVLayer(CacheLayerMixin):
         self.engine.reset()
         self.seen = 0
         self.pending = False
+        self.columns = None
 
     def offload(self):
         raise NotImplementedError("WeightedKVCache does not support offloading")
@@ -162,12 +184,21 @@ class WeightedKVLayer(CacheLayerMixin):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.engine.reorder(beam_idx)
+        self._index_columns(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.engine.select(indices)
+        self._index_columns(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.columns is not None:
+            self.columns = self.columns.repeat_interleave(repeats, 0)
         self.engine.repeat_interleave(repeats)
+
+    def _index_columns(self, index) -> None:
+        if self.columns is not None:
+            index = torch.as_tensor(index, dtype=torch.long).to(self.columns.device)
+            self.columns = self.columns.index_select(0, index)
 
     def held_tokens(self) -> torch.Tensor:
         """Number of held tokens per (batch, KV head), int64 ``[B, H]``."""

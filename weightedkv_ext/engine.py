@@ -346,7 +346,7 @@ class KVEngine:
             setattr(self, n, v)
         self._clones = {}
 
-    def _own_tensors(self, like: Tensor) -> None:
+    def _own_tensors(self) -> None:
         """Make the state writable in the current mode: tensors created under inference_mode
         cannot be written outside it, so they are copied once (as normal tensors) when needed."""
         if not self.is_initialized or torch.is_inference_mode_enabled():
@@ -399,7 +399,7 @@ class KVEngine:
         B, Hq, T, D = query.shape
         if not self.is_initialized:
             self._make_room(min(T, self.chunk_size), key)
-        self._own_tensors(key)
+        self._own_tensors()
         if positions is not None and bool((positions >= 0).all()):
             pass  # every token real: plain column chunks, like real=None
         elif positions is not None:
