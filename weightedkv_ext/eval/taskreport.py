@@ -261,7 +261,8 @@ def kl_markdown(data: dict) -> str:
     lines.append("")
     for name, desc in cfg.get("datasets", {}).items():
         docs = {d for c in cells if c["dataset"] == name for d in c["results"]}
-        lines.append(f"- `{name}`: {len(docs)} document(s): {', '.join(sorted(docs))}.")
+        if docs:
+            lines.append(f"- `{name}`: {len(docs)} document(s): {', '.join(sorted(docs))}.")
     secs = sum(c["seconds"] for c in cells)
     lines.append(f"- {len(cells)} cells, {secs:.0f} s of policy-model time (the full-cache "
                  "reference runs are not counted).")
@@ -305,6 +306,22 @@ def markdown(data: dict) -> str:
     return kl_markdown(data) if data["task"] == "kl" else retrieval_markdown(data)
 
 
+def main(argv=None) -> int:
+    """``python -m weightedkv_ext.eval.taskreport DIR...``: rewrite the tables and plots of the
+    ``results_<task>.json`` files in each folder (no model run)."""
+    import json
+    import sys
+
+    folders = sys.argv[1:] if argv is None else argv
+    for folder in folders:
+        for path in sorted(Path(folder).glob("results_*.json")):
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if "task" in data:
+                for p in write(data, path.parent):
+                    print(p)
+    return 0
+
+
 def write(data: dict, out, plots: bool = True) -> list[Path]:
     """Write ``results_<task>.md`` (and the plots) into ``out``; returns the paths."""
     out = Path(out)
@@ -317,3 +334,7 @@ def write(data: dict, out, plots: bool = True) -> list[Path]:
         return [md]
     pngs = plot_kl(data, out) if data["task"] == "kl" else plot_retrieval(data, out)
     return [md, *pngs]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
