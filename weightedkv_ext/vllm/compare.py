@@ -169,7 +169,8 @@ def main(argv=None) -> int:
         from .model import smollm2_hf_folder
 
         folder = str(args.model or smollm2_hf_folder())
-        ids = prompts([int(n) for n in args.lengths.split(",")], AutoTokenizer.from_pretrained(folder))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        ids = prompts([int(n) for n in args.lengths.split(",")], tokenizer)
         runs["prompts"] = ids
         key = f"vllm:{args.plugin}" if args.plugin else "vllm"
         runs[key] = run_vllm(folder, ids, args.new_tokens, args.plugin, args.max_num_seqs,
@@ -196,7 +197,8 @@ def report(runs: dict) -> str:
     if "vllm" in runs and "hf" in runs:
         firsts = compare(runs["vllm"]["outputs"], runs["hf"]["outputs"])
         lines.append("vllm vs hf (both full caches: the model numerics alone): " + ", ".join(
-            f"{n} tok: {'equal' if f is None else f'differs at {f}'}" for n, f in zip(lens, firsts)))
+            f"{n} tok: {'equal' if f is None else f'differs at {f}'}"
+            for n, f in zip(lens, firsts)))
     for key in sorted(k for k in runs if k.startswith("vllm:")):
         plugin = key.split(":", 1)[1]
         run = runs[key]

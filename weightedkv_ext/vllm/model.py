@@ -18,7 +18,8 @@ DEFAULT_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "
 def smollm2_hf_folder(folder: str | os.PathLike | None = None) -> Path:
     """Return a folder holding SmolLM2-135M-Instruct in Hugging Face format, creating it if needed.
 
-    ``folder`` defaults to ``$WEIGHTEDKV_SMOLLM2_HF`` or ``~/.cache/weightedkv_ext/smollm2-135m-hf``.
+    ``folder`` defaults to ``$WEIGHTEDKV_SMOLLM2_HF``, else
+    ``~/.cache/weightedkv_ext/smollm2-135m-hf``.
     Creation takes about a minute (de-quantising the GGUF file) and needs ``gguf`` and
     ``accelerate``; nothing is downloaded.
     """
