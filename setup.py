@@ -99,9 +99,9 @@ setup(
     entry_points={"console_scripts": [
         "weightedkv-eval = weightedkv_ext.eval.cli:main",
         "weightedkv-demo = weightedkv_ext.demo:main",
-    ],
-        # vLLM loads this in every process; it does nothing unless WEIGHTEDKV_VLLM is set.
-        "vllm.general_plugins": ["weightedkv = weightedkv_ext.vllm:register"]},
+    ], "vllm.general_plugins": [  # run by vLLM in each process; a no-op unless WEIGHTEDKV_VLLM set
+        "weightedkv = weightedkv_ext.vllm:register",
+    ]},
     install_requires=["torch", "transformers>=5.23,<6", "tqdm", "matplotlib", "numpy"],
     zip_safe=False,
 )

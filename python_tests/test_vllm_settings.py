@@ -1,4 +1,4 @@
-"""The vLLM plugin's settings (``WEIGHTEDKV_VLLM``): runs in the main environment, no vLLM needed."""
+"""The vLLM plugin's settings (``WEIGHTEDKV_VLLM``): run in the main environment, no vLLM needed."""
 import importlib.util
 
 import pytest

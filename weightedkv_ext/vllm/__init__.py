@@ -2,10 +2,11 @@
 
 Installed with the package (entry point ``weightedkv = weightedkv_ext.vllm:register``); vLLM calls
 ``register()`` in every process it starts. With ``$WEIGHTEDKV_VLLM`` set (e.g. ``budget=256``,
-see ``settings``) it replaces vLLM's CPU attention backend by ``backend.WeightedKVAttentionBackend``,
-which keeps a WeightedKV-compressed cache of ``budget`` tokens per request, layer and KV head. Run
-vLLM with ``enable_prefix_caching=False`` and ``enforce_eager=True``. Design and limits:
-docs/serving.md. Nothing here is imported unless vLLM is installed.
+see ``settings``) it replaces vLLM's CPU attention backend by
+``backend.WeightedKVAttentionBackend``, which keeps a WeightedKV-compressed cache of ``budget``
+tokens per request, layer and KV head. Run vLLM with ``enable_prefix_caching=False`` (tested with
+``enforce_eager=True``). Design, limits and measurements: docs/serving.md. ``register()`` imports
+vLLM only when the variable is set.
 """
 from __future__ import annotations
 

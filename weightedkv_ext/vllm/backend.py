@@ -112,8 +112,8 @@ class WeightedKVMetadataBuilder(AttentionMetadataBuilder[WeightedKVMetadata]):
                 "weightedkv vLLM backend: prefix caching must be off (a block holds compressed "
                 "slots, not the tokens its hash names); pass enable_prefix_caching=False")
         if vllm_config.speculative_config is not None:
-            raise ValueError("weightedkv vLLM backend: speculative decoding is not supported "
-                             "(a rejected draft cannot be un-compressed); remove speculative_config")
+            raise ValueError("weightedkv vLLM backend: speculative decoding is not supported (a "
+                             "rejected draft cannot be un-compressed); remove speculative_config")
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> WeightedKVMetadata:

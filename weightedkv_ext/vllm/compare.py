@@ -110,27 +110,30 @@ def run_vllm(model: str, prompt_ids: list[list[int]], new_tokens: int, plugin: s
             "spec": type(spec).__name__}
 
 
-def run_hf(prompt_ids: list[list[int]], new_tokens: int, plugin: str) -> dict:
+def run_hf(prompt_ids: list[list[int]], new_tokens: int, plugin: str | None) -> dict:
     """Greedy generations of the project's ``generate()`` with a ``WeightedKVCache`` configured
-    like the plugin (``WEIGHTEDKV_VLLM`` syntax), one prompt at a time (batch 1)."""
+    like the plugin (``WEIGHTEDKV_VLLM`` syntax), one prompt at a time (batch 1); with
+    ``plugin=None``, transformers' own full cache (sdpa), the yardstick for vLLM without it."""
     import torch
 
     from ..models import load_smollm2
     from .settings import parse
 
-    s = parse(plugin)
+    s = parse(plugin) if plugin else None  # (a WeightedKVCache is falsy while empty)
     model, _ = load_smollm2()
     outs, held = [], []
     start = time.perf_counter()
     for p in prompt_ids:
-        cache = s.cache()
+        cache = s.cache() if s is not None else None
         ids = torch.tensor([p])
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache.as_kwargs(),
+            out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                                 **(cache.as_kwargs() if cache is not None else {}),
                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                  do_sample=False)
         outs.append(out[0, len(p):].tolist())
-        held.append(int(cache.held_tokens().max()))
+        held.append(int(cache.held_tokens().max()) if cache is not None
+                    else out.shape[1] - 1)
     return {"outputs": outs, "seconds": time.perf_counter() - start, "held_tokens": held}
 
 
@@ -166,7 +169,8 @@ def main(argv=None) -> int:
         from .model import smollm2_hf_folder
 
         folder = str(args.model or smollm2_hf_folder())
-        ids = prompts([int(n) for n in args.lengths.split(",")], AutoTokenizer.from_pretrained(folder))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        ids = prompts([int(n) for n in args.lengths.split(",")], tokenizer)
         runs["prompts"] = ids
         key = f"vllm:{args.plugin}" if args.plugin else "vllm"
         runs[key] = run_vllm(folder, ids, args.new_tokens, args.plugin, args.max_num_seqs,
@@ -174,10 +178,9 @@ def main(argv=None) -> int:
         runs[key]["new_tokens"] = args.new_tokens
         _write(args.runs, runs)
     elif args.engine == "hf":
-        if not args.plugin:
-            p.error("hf needs --plugin (the WeightedKVCache settings), e.g. --plugin budget=256")
-        runs[f"hf:{args.plugin}"] = run_hf(runs["prompts"], runs[f"vllm:{args.plugin}"]
-                                           ["new_tokens"], args.plugin)
+        key = f"hf:{args.plugin}" if args.plugin else "hf"
+        runs[key] = run_hf(runs["prompts"], runs[key.replace("hf", "vllm", 1)]["new_tokens"],
+                           args.plugin)
         _write(args.runs, runs)
     print(report(runs))
     return 0
@@ -191,6 +194,11 @@ def report(runs: dict) -> str:
         cells = ", ".join(f"{n} tok: {b['prefill']}/{b['decode']}"
                           for n, b in runs[key]["blocks"].items())
         lines.append(f"{key}: max KV blocks held per request (prefill/decode): {cells}")
+    if "vllm" in runs and "hf" in runs:
+        firsts = compare(runs["vllm"]["outputs"], runs["hf"]["outputs"])
+        lines.append("vllm vs hf (both full caches: the model numerics alone): " + ", ".join(
+            f"{n} tok: {'equal' if f is None else f'differs at {f}'}"
+            for n, f in zip(lens, firsts)))
     for key in sorted(k for k in runs if k.startswith("vllm:")):
         plugin = key.split(":", 1)[1]
         run = runs[key]

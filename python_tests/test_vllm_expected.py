@@ -1,0 +1,35 @@
+"""The project's own ``generate()`` on the prompt that test_vllm_generate.py runs through vLLM.
+
+``EXPECTED`` is what ``generate()`` with ``WeightedKVCache(budget=256)`` produces (8 greedy tokens
+after the 1024-token prompt cut from the embedded default text at token 300, where
+``compare.prompts((100, 200, 1024))`` puts it): test_vllm_generate.py checks the vLLM plugin
+against it in the vLLM venv (transformers < 5.20 there, so generate() cannot run in it), and the
+test below keeps it true in the main environment. Slow (loads SmolLM2, ~1 min).
+"""
+import pytest
+
+PLUGIN = "budget=256"
+LENGTHS = (100, 200, 1024)
+NEW = 8
+# compare.run_hf(prompts(LENGTHS), NEW, PLUGIN)["outputs"][2]
+EXPECTED = [3187, 282, 1967, 282, 1123, 284, 8505, 30]
+
+
+@pytest.mark.slow
+def test_expected_is_generate_with_weightedkvcache():
+    transformers = pytest.importorskip("transformers")
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version("5.23"):
+        pytest.skip("the transformers integration needs transformers >= 5.23 (main venv)")
+    from weightedkv_ext.models import load_smollm2
+    from weightedkv_ext.vllm import compare
+
+    _, tokenizer = load_smollm2()
+    prompt = compare.prompts(LENGTHS, tokenizer)[2]
+    assert len(prompt) == 1024
+    got = compare.run_hf([prompt], NEW, PLUGIN)
+    assert got["outputs"][0] == EXPECTED
+    assert got["held_tokens"][0] == 256
+    # the full cache continues differently: the check above does see the compression
+    assert compare.run_hf([prompt], NEW, None)["outputs"][0] != EXPECTED
