@@ -115,8 +115,6 @@ def test_check_model_uses_the_models_tp_size():
         distributed.check_model(model)
 
 
-@pytest.mark.xfail(strict=True, reason="enable() calls distributed.check_model once the issue #12 "
-                                       "patch to attention.py is merged (then drop this mark)")
 def test_enable_refuses_pipeline_parallelism():
     model = _tiny()
     model.config.distributed_config = DistributedConfig(tp_size=1, pp_size=2)

@@ -34,17 +34,11 @@ LOGITS_TOL = 1e-4  # measured ~1.5e-6 (row-parallel all-reduce changes the summa
 
 CASES = [(c, p, pol) for c in tp_worker.CONFIGS for p in (False, True)
          for pol in weightedkv_ext.POLICIES]
-CAM_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="CaM's random draw is keyed by the rank-local KV head index until the attention passes "
-           "compress(..., head_offset=weightedkv_ext.distributed.kv_head_offset(...)) (issue #12; "
-           "enable once the cpp op and the cache patch are merged)")
 
 
 def _params():
     for config, padded, policy in CASES:
-        marks = [CAM_XFAIL] if policy == "cam" else []
-        yield pytest.param(config, padded, policy, marks=marks,
+        yield pytest.param(config, padded, policy,
                            id=f"{config}-{'padded' if padded else 'unpadded'}-{policy}")
 
 

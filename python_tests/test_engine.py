@@ -133,7 +133,7 @@ def test_integer_like_arguments_are_accepted():
 
 # -- failed calls ----------------------------------------------------------------------------------
 
-STAGES = ["grow", "append", "accumulate", "decode_attention", "compress", "compress#2"]
+STAGES = ["grow", "append", "block_attention", "decode_attention", "compress", "compress#2"]
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -165,7 +165,7 @@ def test_any_failure_leaves_the_engine_exactly_as_before(stage, monkeypatch):
         class Ops:  # the engine's op module with one op failing
             pass
         ops = Ops()
-        for name in ("append", "accumulate", "compress", "decode_attention"):
+        for name in ("append", "block_attention", "compress", "decode_attention"):
             setattr(ops, name, getattr(engine.ops, name))
         setattr(ops, op_name, failing(getattr(engine.ops, op_name)))
         monkeypatch.setattr(engine, "ops", ops)

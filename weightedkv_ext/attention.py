@@ -22,6 +22,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface, PreTrainedModel
 
+from . import distributed
 from .cache import WeightedKVCache
 
 NAME = "weightedkv"
@@ -135,6 +136,11 @@ def weightedkv_attention_forward(module: torch.nn.Module | None, query: torch.Te
                 "WeightedKVMask by transformers), got a prepared mask of type "
                 f"{type(attention_mask).__name__} and shape "
                 f"{tuple(getattr(attention_mask, 'shape', ()))}; pass a 2-D attention_mask")
+        if module is not None:
+            # Tensor parallelism: this rank's KV head h is the model's head head_offset + h
+            # (CaM's draw is keyed by it); 0 without TP. Refuses heads that are not whole groups.
+            layer.engine.head_offset = distributed.kv_head_offset(module, query.shape[1],
+                                                                  key.shape[1])
     except Exception:
         layer.pending = False
         layer.seen -= key.shape[2]  # undo update()
@@ -187,6 +193,7 @@ def enable(model):
         raise ValueError(f"enable: {type(model).__name__} has value head_dim {v_dim} != key "
                          f"head_dim {k_dim} (multi-head latent attention); weightedkv needs "
                          "one head_dim for keys and values")
+    distributed.check_model(model)  # pipeline parallelism, a tp_size that splits heads
     model.set_attn_implementation(NAME)
     if getattr(model.config, "_attn_implementation", None) != NAME:
         raise ValueError(

@@ -64,7 +64,7 @@ class KVEngine:
 
     def __init__(self, budget, sinks=policies.DEFAULT_SINKS, recent=None, policy="weightedkv",
                  chunk_size=128, cam_window=16, seed=0, group_reduce="mean", backend="ops", *,
-                 window=0, softcap=0.0, sink_logits=None, name="KVEngine",
+                 window=0, softcap=0.0, sink_logits=None, head_offset=0, name="KVEngine",
                  reset_hint="engine.reset()"):
         self.name, self.reset_hint = name, reset_hint
         self.budget, self.sinks, self.recent = policies.resolve(name, policy, budget, sinks,
@@ -84,6 +84,8 @@ class KVEngine:
             raise ValueError(f"{name}: seed must be an int in [-2**63, 2**63 - 1] (int64), "
                              f"got seed={seed!r}")
         self.seed, self.group_reduce, self.backend = seed, group_reduce, backend
+        # Tensor parallelism: local KV head h is the model's head head_offset + h (CaM's draw).
+        self.head_offset = _index(name, "head_offset", head_offset, 0)
         self.window = self._check_window(window)
         self.softcap = self._check_softcap(softcap)
         self.sink_logits = sink_logits
@@ -432,52 +434,34 @@ class KVEngine:
         out = self._attention(query, qpos, scale, *feats)
         args = self._compress_args()
         if args is not None:
-            self.ops.compress(*self.state, *args, self.cam_window, self.seed)
+            self.ops.compress(*self.state, *args, self.cam_window, self.seed,
+                              head_offset=self.head_offset)
         return out
 
     def _attention(self, query, qpos, scale, window, softcap, sink_logits) -> Tensor:
         """Attention of the chunk's ``w`` queries over the held slots, statistics updated.
 
-        The one place attention is computed: the fused ``decode_attention`` op for one query and
-        no window/softcap/sinks, else torch (one float32 ``[G*w, C]`` block per (row, KV head),
-        then ``accumulate``). Query heads ``h*G .. h*G+G-1`` share KV head ``h`` (transformers'
-        repeat_kv order), so the queries are reshaped to ``[B, H, G*w, D]`` instead of repeating
-        K/V. A query that sees no slot (padding) gets zero output and adds no statistics.
+        The one place attention is computed, always by an op (docs/design.md): the fused
+        ``decode_attention`` for one query, ``block_attention`` for a chunk. Neither writes the
+        probabilities nor a float32 copy of the cache, so a chunk step's extra memory is the
+        output alone. Window, softcap and sink logits are applied inside the ops. A query that
+        sees no slot (padding) gets zero output and adds no statistics.
         """
         keys, values, scores, counts, last, slot_pos = self.state
-        B, Hq, Q, D = query.shape
-        H, C = keys.shape[1], keys.shape[2]
-        G = Hq // H
-        plain = not window and not softcap and sink_logits is None
-        if Q == 1 and plain:
+        C = keys.shape[2]
+        sinks = None
+        if sink_logits is not None:  # the ops take float32 [Hq] on the cache's device
+            sinks = sink_logits.detach().to(device=keys.device, dtype=torch.float32).contiguous()
+        feats = dict(window=int(window or 0), softcap=float(softcap or 0.0), sinks=sinks)
+        if query.shape[2] == 1:
             out = self.ops.decode_attention(query[:, :, 0], keys, values, slot_pos, qpos[:, 0],
-                                            scores, counts, last, scale,
-                                            self.group_reduce)[:, :, None]
+                                            scores, counts, last, scale, self.group_reduce,
+                                            **feats)[:, :, None]
             self.peak_block = max(self.peak_block, C)
             return out
-        q = query.reshape(B, H, G * Q, D).float()
-        logits = torch.matmul(q, keys.float().transpose(-1, -2)).mul_(scale)  # [B, H, G*Q, C]
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        slots = slot_pos[:, :, None, :]  # [B, H, 1, C]
-        qp = qpos[:, None, :, None]
-        visible = (slots >= 0) & (slots <= qp)  # [B, H, Q, C]
-        if window:
-            visible &= qp - slots < window
-        logits.view(B, H, G, Q, C).masked_fill_(~visible[:, :, None], float("-inf"))
-        if sink_logits is None:
-            probs = torch.softmax(logits, dim=-1)
-        else:  # one extra logit per query head in the normaliser only (GPT-OSS)
-            s = sink_logits.view(1, H, G, 1, 1).expand(B, H, G, Q, 1).reshape(B, H, G * Q, 1)
-            probs = torch.softmax(torch.cat([logits, s], dim=-1), dim=-1)[..., :C]
-        # A query that sees no slot (padding) gets all-zero probabilities instead of NaN.
-        sees_any = visible.any(-1)  # [B, H, Q]
-        probs.view(B, H, G, Q, C).masked_fill_(~sees_any[:, :, None, :, None], 0.0)
-        self.peak_block = max(self.peak_block, Q * C)
-        out = torch.matmul(probs, values.float())  # [B, H, G*Q, D]
-        self.ops.accumulate(probs.reshape(B, Hq, Q, C), slot_pos, qpos, scores, counts, last,
-                            self.group_reduce)
-        return out.view(B, Hq, Q, D).to(query.dtype)
+        self.peak_block = max(self.peak_block, query.shape[2] * C)  # logical block, never stored
+        return self.ops.block_attention(query, keys, values, slot_pos, qpos, scores, counts,
+                                        last, scale, self.group_reduce, **feats)
 
     # -- batch reordering (beam search) ------------------------------------------------------------
 

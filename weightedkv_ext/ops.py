@@ -18,8 +18,7 @@ from torch import Tensor
 
 from . import _loader  # noqa: F401  (registers torch.ops.weightedkv)
 
-POLICIES = ("weightedkv", "evict", "h2o", "tova", "streaming", "cam")
-GROUP_REDUCES = ("mean", "sum", "max")
+from .policies import GROUP_REDUCES, KERNEL_POLICIES as POLICIES  # one table: policies.py
 
 _ops = torch.ops.weightedkv
 

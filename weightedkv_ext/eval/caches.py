@@ -3,26 +3,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-# How the query heads sharing a KV head (GQA) are combined into one score; "mean" is the default.
-from ..ops import GROUP_REDUCES  # noqa: F401  (re-exported for the CLI)
-
-
-# Canonical order (rows of the table, lines of the plot); names as in the paper.
-POLICIES = ("full", "streaming", "tova", "h2o", "cam", "evict", "weightedkv")
-DISPLAY = {
-    "full": "Full cache",
-    "streaming": "StreamingLLM",
-    "tova": "TOVA",
-    "h2o": "H2O",
-    "cam": "CaM",
-    "evict": "Evict (no merge)",
-    "weightedkv": "WeightedKV",
-}
-
-
-def default_recent(budget: int, sinks: int) -> int:
-    """The paper's rule: half of the budget is the recent window (sinks included)."""
-    return budget // 2 - sinks
+# Policies (canonical table order, the paper's names), the default-recent rule and the GQA score
+# reductions come from the one registry, weightedkv_ext/policies.py (re-exported for the CLI).
+from ..policies import DISPLAY, GROUP_REDUCES, POLICIES, default_recent  # noqa: F401
 
 
 def prepare(model):

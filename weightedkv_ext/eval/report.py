@@ -7,6 +7,7 @@ import math
 import os
 from pathlib import Path
 
+from ..policies import is_default_group
 from .caches import DISPLAY, POLICIES, default_recent
 
 FORMAT = "weightedkv_ext.eval/1"
@@ -133,7 +134,7 @@ def _budget_label(group: tuple | None) -> str:
     if group is None:
         return "-"
     budget, sinks, recent = group
-    if sinks == 4 and recent == default_recent(budget, sinks):
+    if is_default_group(budget, sinks, recent):
         return str(budget)
     return f"{budget} (sinks {sinks}, recent {recent})"
 
