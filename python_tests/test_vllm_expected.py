@@ -4,7 +4,7 @@
 after the 1024-token prompt cut from the embedded default text at token 300, where
 ``compare.prompts((100, 200, 1024))`` puts it): test_vllm_generate.py checks the vLLM plugin
 against it in the vLLM venv (transformers < 5.20 there, so generate() cannot run in it), and the
-test below keeps it true in the main environment. Slow (loads SmolLM2, ~1 min).
+test below keeps it true in the main environment. Slow (loads SmolLM2, 1-2 min).
 """
 import pytest
 
@@ -30,6 +30,5 @@ def test_expected_is_generate_with_weightedkvcache():
     assert len(prompt) == 1024
     got = compare.run_hf([prompt], NEW, PLUGIN)
     assert got["outputs"][0] == EXPECTED
-    assert got["held_tokens"][0] == 256
-    # the full cache continues differently: the check above does see the compression
-    assert compare.run_hf([prompt], NEW, None)["outputs"][0] != EXPECTED
+    assert got["held_tokens"][0] == 256  # compressed (vLLM's full-cache output differs at token
+    # 2: test_vllm_generate.py checks that side)
