@@ -12,7 +12,7 @@ exactly the state a ``WeightedKVCache`` layer holds for one batch row:
   (``scores``, ``counts``, ``last``) and ``slot_pos`` (absolute positions) in a side tensor of the
   same page geometry (``[num_blocks, block_size, H]`` per layer);
 * each step, per request: gather the ``C`` slots from logical ``L0 - 1 - i``, run the project's own
-  per-chunk step (``weightedkv_ext.attention._chunk``: append -> attention + statistics ->
+  per-chunk step (``KVEngine._chunk`` of ``weightedkv_ext.engine``: append -> attention + statistics ->
   compress, chunks of ``chunk_size`` as in ``generate()``) on the new tokens, scatter the slots
   back to logical ``L - 1 - i``. The ``window`` retains logical slots ``>= L - C``, so nothing the
   next step reads is ever freed.
@@ -41,7 +41,8 @@ from vllm.v1.kv_cache_interface import (
     SlidingWindowSpec,
 )
 
-from .. import attention as _project_attention
+from ..cache import _ENGINE_ARGS
+from ..engine import KVEngine
 from . import settings as _settings
 
 NAME = "WEIGHTEDKV"
@@ -126,21 +127,6 @@ class WeightedKVMetadataBuilder(AttentionMetadataBuilder[WeightedKVMetadata]):
         )
 
 
-class _RequestSlots:
-    """One request's slots for one layer, in the shape ``weightedkv_ext.attention._chunk`` uses
-    (a ``WeightedKVLayer`` with batch 1): ``state``, ``cache``, ``capacity``, ``reserve``."""
-
-    __slots__ = ("cache", "state", "capacity", "peak_block")
-
-    def __init__(self, cache, state):
-        self.cache, self.state = cache, state
-        self.capacity = state[0].shape[2]
-        self.peak_block = 0
-
-    def reserve(self, n_new: int) -> None:  # budget + chunk_size slots always fit a chunk
-        pass
-
-
 class WeightedKVAttentionImpl(AttentionImpl):
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
                  alibi_slopes: list[float] | None, sliding_window: int | None,
@@ -169,6 +155,11 @@ class WeightedKVAttentionImpl(AttentionImpl):
         self.num_kv_heads = num_kv_heads
         self.settings = s
         self.cache = s.cache()  # policy, ops and validation of the project's WeightedKVCache
+        # The project's engine (the one both of its doors use) runs each request's chunk steps on
+        # slots gathered from vLLM's blocks; it is loaded per request and emptied afterwards.
+        self.engine = KVEngine(**{a: getattr(self.cache, a) for a in _ENGINE_ARGS},
+                               name="weightedkv vLLM backend", reset_hint="a new request")
+        self.engine.transactional = False  # the slots are scratch copies of vLLM's blocks
         self._side: tuple[torch.Tensor, torch.Tensor] | None = None
         self._side_key = None
 
@@ -228,15 +219,20 @@ class WeightedKVAttentionImpl(AttentionImpl):
             values[0, :, :k_old] = kv[..., D:].transpose(0, 1)
             sc[:, 0, :, :k_old] = stats[blk, off].permute(2, 1, 0)
             slot_pos[0, :, :k_old] = pos[blk, off].transpose(0, 1)
-        slots = _RequestSlots(self.cache, (keys, values, sc[0], sc[1], sc[2], slot_pos))
+        e = self.engine
+        e.keys, e.values, e.scores, e.counts, e.last, e.slot_pos = (keys, values, sc[0], sc[1],
+                                                                    sc[2], slot_pos)
+        e.row_seen = torch.tensor([L0], dtype=torch.int64, device=dev)
         qh = q.transpose(0, 1)[None]  # [1, Hq, n, D]
         kh, vh = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # [1, H, n, D]
         qpos = torch.arange(L0, L, device=dev)[None]  # absolute positions, [1, n]
         S = self.settings.chunk_size
-        outs = [_project_attention._chunk(slots, qh[:, :, c:c + S], kh[:, :, c:c + S],
-                                          vh[:, :, c:c + S], qpos[:, c:c + S].contiguous(),
-                                          self.scale)
-                for c in range(0, n, S)]
+        try:
+            outs = [e._chunk(qh[:, :, c:c + S], kh[:, :, c:c + S], vh[:, :, c:c + S],
+                             qpos[:, c:c + S].contiguous(), self.scale, (0, 0.0, None))
+                    for c in range(0, n, S)]
+        finally:
+            e.reset()
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # [1, Hq, n, D]
         k_new = min(C, L)
         blk, off = self._logical_slots(row, L - 1 - torch.arange(k_new, device=dev), block_size)
