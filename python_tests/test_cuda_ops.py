@@ -302,3 +302,71 @@ def test_mixed_devices_are_rejected(ops):
     st[0] = st[0].cuda()
     with pytest.raises(RuntimeError, match="compress: all tensors must be on one device"):
         ops.compress(*st, 3, 0, 0, "weightedkv")
+
+
+# ---------------------------------------------------------------------------------------------
+# attention features and block_attention (CUDA == reference within tolerance; deterministic)
+
+
+@pytest.mark.parametrize("op", ["decode_attention", "block_attention"])
+@pytest.mark.parametrize("window,softcap,with_sinks", [(0, 0.0, False), (6, 0.0, False),
+                                                       (0, 2.0, False), (0, 0.0, True),
+                                                       (5, 1.5, True)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_attention_features(ops, dtype, window, softcap, with_sinks, op):
+    B, H, G, C, D, Q = 3, 2, 4, 40, 64, 6
+    st = random_state(B, H, C, D, dtype, held=lambda b, h: 25 + 3 * h, seed=31, pos_range=60)
+    g = torch.Generator().manual_seed(32)
+    if op == "decode_attention":
+        query = torch.randn(B, H * G, D, generator=g).to(dtype)
+        qpos = torch.tensor([70, 30, -1])
+    else:
+        query = torch.randn(B, H * G, Q, D, generator=g).to(dtype)
+        qpos = torch.tensor([[60 + i for i in range(Q)], [-1, -1, 0, 20, 25, 30], [-1] * Q])
+    sinks = torch.randn(H * G, generator=g) if with_sinks else None
+    args = [query, st.keys, st.values, st.slot_pos, qpos, st.scores, st.counts, st.last, 0.2]
+    results = []
+    for module, device in ((ref, "cpu"), (ops, "cpu"), (ops, "cuda")):
+        a = to(device, args)
+        kw = dict(window=window, softcap=softcap,
+                  sinks=None if sinks is None else to(device, [sinks])[0])
+        out = getattr(module, op)(*a, **kw)
+        results.append((cpu(a), out.cpu()))
+    (want, out_want), (cpu_got, out_cpu), (got, out_got) = results
+    torch.testing.assert_close(out_got, out_want, **OUT_TOL[dtype])
+    torch.testing.assert_close(out_got, out_cpu, **OUT_TOL[dtype])
+    assert torch.equal(got[6], want[6])  # counts
+    torch.testing.assert_close(got[5], want[5], **STAT_TOL)  # scores
+    torch.testing.assert_close(got[7], want[7], **STAT_TOL)  # last
+    # deterministic: a second run gives the same bits
+    a = to("cuda", args)
+    out2 = getattr(ops, op)(*a, window=window, softcap=softcap,
+                            sinks=None if sinks is None else to("cuda", [sinks])[0])
+    assert torch.equal(out2.cpu(), out_got)
+    for x, y in zip(cpu(a)[:8], got[:8]):
+        assert torch.equal(x, y)
+
+
+def test_block_attention_long_chunk_workspace(ops):
+    """G*C too large for shared memory (global workspace path), 129 queries."""
+    B, H, G, C, D, Q = 1, 2, 8, 3000, 128, 129
+    st = random_state(B, H, C, D, torch.bfloat16, held=2800, seed=33, pos_range=2900)
+    query = torch.randn(B, H * G, Q, D).bfloat16()
+    qpos = torch.arange(2800, 2800 + Q)[None]
+    args = [query, st.keys, st.values, st.slot_pos, qpos, st.scores, st.counts, st.last,
+            D ** -0.5]
+    a_cpu = to("cpu", args)
+    out_cpu = ops.block_attention(*a_cpu)
+    a = to("cuda", args)
+    out = ops.block_attention(*a).cpu()
+    torch.testing.assert_close(out, out_cpu, **OUT_TOL[torch.bfloat16])
+    assert torch.equal(cpu(a)[6], a_cpu[6])
+    torch.testing.assert_close(cpu(a)[5], a_cpu[5], rtol=1e-4, atol=1e-6)
+
+
+def test_cam_head_offset_on_cuda(ops):
+    st = random_state(2, 4, 24, 8, torch.float16, held=20, seed=17)
+    args = [*st, 10, 1, 2, "cam", 3, 11, 2]
+    (want, _), (cpu_got, _), (got, _) = run3(ops, "compress", args)
+    assert_states_equal(cpu_got[:6], want[:6])
+    assert_states_equal(got[:6], want[:6])
