@@ -79,5 +79,7 @@ fi
 if [[ "$LOG_DIR" != benchmarks/results ]]; then
   cp benchmarks/results/gpu_kernels.json benchmarks/results/gpu_kernels.md "$LOG_DIR"/ 2>/dev/null || true
 fi
+log "two-device checks (scripts/gpu_multi.sh; skipped without two GPUs)"
+PYTHON="$PY" bash scripts/gpu_multi.sh || status=1
 log "done: tests exit $test_rc, benchmark exit $bench_rc"
 exit $status
