@@ -35,13 +35,15 @@ def _group_of(c: dict):
     return None if c["policy"] == "full" else (c["budget"], c["sinks"], c["recent"])
 
 
-def _budget_label(group) -> str:
+def _budget_label(group, groups=()) -> str:
+    """The budget alone when every compressed group of the table has the same sinks and the
+    default recent window; else budget, sinks and recent."""
     if group is None:
         return "-"
     budget, sinks, recent = group
-    if recent == default_recent(budget, sinks):
-        return str(budget)
-    return f"{budget} (sinks {sinks}, recent {recent})"
+    plain = all(g is None or (g[1] == sinks and g[2] == default_recent(g[0], g[1]))
+                for g in [group, *groups])
+    return str(budget) if plain else f"{budget} (sinks {sinks}, recent {recent})"
 
 
 def _columns(cells: list[dict]) -> list[tuple[str, int]]:
@@ -93,7 +95,8 @@ def retrieval_markdown(data: dict) -> str:
              "| Budget | Policy | " + " | ".join(f"{d} {_len_label(n)}" for d, n in cols) + " |",
              "|---|---|" + "---:|" * len(cols)]
     not_compared = set()
-    for group in _groups(cells):
+    groups = _groups(cells)
+    for group in groups:
         pols = [p for p in POLICIES if any(c["policy"] == p and _group_of(c) == group for c in cells)]
         for i, p in enumerate(pols):
             row = []
@@ -108,7 +111,7 @@ def retrieval_markdown(data: dict) -> str:
                         row.append("")
                     continue
                 row.append(_acc_cell(*counts(c)))
-            lines.append(f"| {_budget_label(group) if i == 0 else ''} | {DISPLAY[p]} | "
+            lines.append(f"| {_budget_label(group, groups) if i == 0 else ''} | {DISPLAY[p]} | "
                          + " | ".join(row) + " |")
     lines.append("")
     for d, n in cols:
@@ -126,7 +129,7 @@ def retrieval_markdown(data: dict) -> str:
     lines += ["", "Per depth (correct / n):", "",
               "| Budget | Policy | Length | " + " | ".join(f"{d:g}%" for d in depths) + " |",
               "|---|---|---|" + "---:|" * len(depths)]
-    for group in _groups(cells):
+    for group in groups:
         for p in POLICIES:
             for col in cols:
                 c = _find(cells, *col, p, group)
@@ -136,7 +139,7 @@ def retrieval_markdown(data: dict) -> str:
                 for d in depths:
                     ok, n = counts(c, d)
                     row.append(f"{ok}/{n}" if n else "")
-                lines.append(f"| {_budget_label(group)} | {DISPLAY[p]} | {col[0]} "
+                lines.append(f"| {_budget_label(group, groups)} | {DISPLAY[p]} | {col[0]} "
                              f"{_len_label(col[1])} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -175,7 +178,8 @@ def plot_retrieval(data: dict, out: Path) -> list[Path]:
             ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
             ax.set_xlabel("context length")
             ax.set_ylabel("needle depth")
-            ax.set_title("full cache" if g is None else f"budget {g[0]}", fontsize=9)
+            ax.set_title("full cache" if g is None else f"budget {_budget_label(g, groups)}",
+                         fontsize=8)
         fig.colorbar(im, ax=axes[0].tolist(), label="accuracy", shrink=0.8)
         fig.suptitle(f"{task}: {DISPLAY[p]}", fontsize=10)
         path = out / f"{task}_heatmap_{p}.png"
@@ -237,7 +241,8 @@ def kl_markdown(data: dict) -> str:
              f"{cfg['chunk_size']}.", "",
              "| Budget | Policy | " + " | ".join(f"{d} {_len_label(n)}" for d, n in cols)
              + " | mean |", "|---|---|" + "---:|" * (len(cols) + 1)]
-    for group in _groups(cells):
+    groups = _groups(cells)
+    for group in groups:
         pols = [p for p in POLICIES if any(c["policy"] == p and _group_of(c) == group for c in cells)]
         vals = {p: [(_find(cells, *col, p, group)) for col in cols] for p in pols}
         best = {}
@@ -256,7 +261,7 @@ def kl_markdown(data: dict) -> str:
                 txt = f"{k:.3f} ({100 * a:.1f}%)"
                 row.append(f"**{txt}**" if best[j] is not None and k == best[j] else txt)
             mean = f"{sum(ks) / len(ks):.3f} ({100 * sum(ags) / len(ags):.1f}%)" if ks else ""
-            lines.append(f"| {_budget_label(group) if i == 0 else ''} | {DISPLAY[p]} | "
+            lines.append(f"| {_budget_label(group, groups) if i == 0 else ''} | {DISPLAY[p]} | "
                          + " | ".join(row) + f" | {mean} |")
     lines.append("")
     for name, desc in cfg.get("datasets", {}).items():
