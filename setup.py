@@ -24,6 +24,16 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _requirement(name: str) -> str:
+    """The requirement line for ``name`` in requirements.txt (the one place versions are pinned)."""
+    with open(os.path.join(ROOT, "requirements.txt")) as f:
+        for line in f:
+            spec = line.split("#", 1)[0].strip()
+            if re.match(rf"{re.escape(name)}\b", spec):
+                return spec
+    raise RuntimeError(f"setup.py: requirements.txt has no line for {name!r}")
+
+
 def _cmake_lists(path: str = os.path.join(ROOT, "cmake", "sources.cmake")) -> dict[str, list[str]]:
     """The ``set(NAME v1 v2 ...)`` lists of cmake/sources.cmake (comments dropped)."""
     text = re.sub(r"#[^\n]*", "", open(path).read())
@@ -102,6 +112,9 @@ setup(
     ], "vllm.general_plugins": [  # run by vLLM in each process; a no-op unless WEIGHTEDKV_VLLM set
         "weightedkv = weightedkv_ext.vllm:register",
     ]},
-    install_requires=["torch", "transformers>=5.23,<6", "tqdm", "matplotlib", "numpy"],
+    # transformers: the one tested range, pinned in requirements.txt (read, not repeated, here).
+    install_requires=["torch", "numpy", _requirement("transformers")],
+    # `pip install .[eval]`: the evaluation harness (python -m weightedkv_ext.eval) and its plots
+    extras_require={"eval": ["tqdm", "matplotlib"]},
     zip_safe=False,
 )
