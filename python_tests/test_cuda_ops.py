@@ -2,8 +2,9 @@
 
 append, accumulate and compress are bit-identical on CPU and CUDA (same float32 formulas, no FMA
 contraction, fixed orders; compress's arg-min is a strict total order), so their states are
-compared exactly, in every dtype, contiguous and strided. decode_attention (dot products, exp,
-different summation order) is compared within per-dtype tolerances, with exact counts.
+compared exactly, in every dtype, contiguous and strided. decode_attention and block_attention
+(dot products, exp, different summation order) are compared within per-dtype tolerances, with
+exact counts. The paths of large shapes, streams and devices: test_cuda_shapes.py.
 Skipped without a CUDA device or when the extension was built without the CUDA kernels.
 """
 import os
@@ -90,9 +91,9 @@ def test_append_not_enough_slots_sync_check(ops, monkeypatch):
     assert_states_equal(st, before)
 
 
-def test_append_not_enough_slots_device_assert():
+def test_append_not_enough_slots_device_assert(ops):
     """Default (no host sync): a device-side assert; checked in a subprocess (it poisons the
-    CUDA context)."""
+    CUDA context). Skipped, like every test here, on a build without the CUDA kernels."""
     code = textwrap.dedent("""
         import torch, weightedkv_ext
         from weightedkv_ext import ops, reference as ref
@@ -245,8 +246,9 @@ def test_decode_attention_sees_nothing(ops):
         assert torch.equal(got[i], want[i])
 
 
-def test_decode_attention_workspace_path_and_determinism(ops):
-    """G*C large enough that the logits do not fit in shared memory; twice = same bits."""
+def test_decode_attention_many_splits_determinism(ops):
+    """G=16, C=4000 on one row: the split decode kernel cuts the row into many splits (the old
+    one-block kernel took its global-workspace path here); twice = same bits."""
     B, H, G, C, D = 1, 2, 16, 4000, 128
     st = random_state(B, H, C, D, torch.bfloat16, held=3500, seed=14)
     query = torch.randn(B, H * G, D).bfloat16()

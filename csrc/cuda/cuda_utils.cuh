@@ -1,8 +1,9 @@
 // cuda_utils.cuh: device building blocks shared by the CUDA kernels.
 // Provides: warp_allreduce / block_allreduce (deterministic all-reductions, result on every
 // thread; ops SumOp, MinOp, MaxOp, FMaxOp; struct types add a shfl_xor overload),
-// block_exclusive_scan (int prefix sum in thread order) and load_chunk<T, VEC> (one element or
-// one 16-byte vector of a K/V row, as float). The block functions must be called by all threads
+// block_exclusive_scan (int prefix sum in thread order), load_chunk<T, VEC> (one element or
+// one 16-byte vector of a K/V row, as float) and RowChunk<T, VEC> (the same load, converted on
+// use). The block functions must be called by all threads
 // of the block (they synchronise); blockDim.x must be a multiple of 32, at most 1024. Results do
 // not depend on timing: the combine order is fixed by the block size.
 #pragma once
@@ -10,6 +11,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../kernels/convert.h"
 
@@ -90,6 +92,36 @@ __device__ __forceinline__ void load_chunk(const T* row, int i, int64_t stride, 
     for (int k = 0; k < VEC; ++k) out[k] = to_float(u.v[k]);
   }
 }
+
+// One chunk of a K/V row as loaded (VEC > 1: one 16-byte vector, 4 registers; VEC == 1: one
+// element), converted to float only when used: lets a loop keep several loads in flight without
+// holding them as floats. Same alignment and stride rules as load_chunk.
+template <class T, int VEC>
+struct RowChunk {
+  using Raw = typename std::conditional<VEC == 1, T, uint4>::type;
+  Raw raw;
+  __device__ __forceinline__ void load(const T* row, int i, int64_t stride) {
+    if constexpr (VEC == 1) {
+      raw = row[static_cast<int64_t>(i) * stride];
+    } else {
+      static_assert(sizeof(T) * VEC == 16, "vector loads are 16 bytes");
+      raw = __ldg(reinterpret_cast<const uint4*>(row) + i);
+    }
+  }
+  __device__ __forceinline__ void get(float (&out)[VEC]) const {
+    if constexpr (VEC == 1) {
+      out[0] = to_float(raw);
+    } else {
+      union {
+        uint4 r;
+        T v[VEC];
+      } u;
+      u.r = raw;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) out[k] = to_float(u.v[k]);
+    }
+  }
+};
 
 // Exclusive prefix sum of one int per thread, in thread order. Returns the exclusive prefix and
 // writes the block total to *total. `buf` is shared memory for kMaxWarps ints.
