@@ -51,8 +51,9 @@ KV_HEADS = 8
 DTYPE = torch.float16
 SINKS = 4
 
-# Datasheet HBM bandwidth (TB/s) by device name, most specific first.
-PEAK_TBPS = [("H200", 4.8), ("GH200", 4.0), ("H100 PCIe", 2.0), ("H100 NVL", 3.9), ("H100", 3.35),
+# Datasheet HBM bandwidth (TB/s) by device name: the first entry contained in the name wins, so
+# the more specific names come first.
+PEAK_TBPS = [("GH200", 4.0), ("H200", 4.8), ("H100 PCIe", 2.0), ("H100 NVL", 3.9), ("H100", 3.35),
              ("H800", 3.35), ("B200", 8.0), ("A100-SXM4-80GB", 2.039), ("A100 80GB PCIe", 1.935),
              ("A100", 1.555), ("L40S", 0.864), ("A10G", 0.6)]
 
@@ -227,6 +228,26 @@ def summary(rows: list[dict], peak: float) -> str:
     return "; ".join(parts)
 
 
+def markdown(rows: list[dict], props, peak: float, peak_src: str, group: int, iters: int) -> str:
+    att = [r for r in rows if "GB_per_s" in r]
+    comp = [r for r in rows if "per_removal_s" in r]
+    return (f"GPU: {props.name} ({props.multi_processor_count} SMs, capability "
+            f"{props.major}.{props.minor}), peak HBM bandwidth {peak / 1e12:.2f} TB/s ({peak_src}); "
+            f"CUDA {torch.version.cuda}, torch {torch.__version__}. head_dim {D}, float16, "
+            f"{KV_HEADS} KV heads, GQA group {group}; attention: {iters} back-to-back calls "
+            f"per CUDA-event batch over cache copies > 3x L2, median of 5 batches; compress: "
+            f"policy weightedkv, sinks {SINKS}, recent budget//2-4, median of {iters} calls.\n\n"
+            + md_table(["op", "B", "budget", "time / call", "MB touched", "GB/s", "% of peak",
+                        "speed-up vs block kernel"],
+                       [[r["op"], r["B"], r["budget"], fmt_time(r["median_s"]),
+                         f"{r['bytes'] / 1e6:.1f}", f"{r['GB_per_s']:.0f}",
+                         f"{100 * r['frac_of_peak']:.1f}", f"{r['speedup_vs_block']:.2f}x"]
+                        for r in att])
+            + "\n\n" + md_table(["op", "B", "budget", "time / call", "time / removal"],
+                                [[r["op"], r["B"], r["budget"], fmt_time(r["median_s"]),
+                                  fmt_time(r["per_removal_s"])] for r in comp]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="batch 1/32, budgets 1024/4096")
@@ -262,23 +283,7 @@ def main() -> None:
         for budget in (1024, 4096):
             for k in (1, 64):
                 rows.append(bench_compress(B, budget, k, iters, gen))
-    att = [r for r in rows if "GB_per_s" in r]
-    comp = [r for r in rows if "per_removal_s" in r]
-    md = (f"GPU: {props.name} ({props.multi_processor_count} SMs, capability "
-          f"{gpu['capability']}), peak HBM bandwidth {peak / 1e12:.2f} TB/s ({peak_src}); "
-          f"CUDA {torch.version.cuda}, torch {torch.__version__}. head_dim {D}, float16, "
-          f"{KV_HEADS} KV heads, GQA group {args.group}; attention: {iters} back-to-back calls "
-          f"per CUDA-event batch over cache copies > 3x L2, median of 5 batches; compress: "
-          f"policy weightedkv, sinks {SINKS}, recent budget//2-4, median of {iters} calls.\n\n"
-          + md_table(["op", "B", "budget", "time / call", "MB touched", "GB/s", "% of peak",
-                      "speed-up vs block kernel"],
-                     [[r["op"], r["B"], r["budget"], fmt_time(r["median_s"]),
-                       f"{r['bytes'] / 1e6:.1f}", f"{r['GB_per_s']:.0f}",
-                       f"{100 * r['frac_of_peak']:.1f}", f"{r['speedup_vs_block']:.2f}x"]
-                      for r in att])
-          + "\n\n" + md_table(["op", "B", "budget", "time / call", "time / removal"],
-                              [[r["op"], r["B"], r["budget"], fmt_time(r["median_s"]),
-                                fmt_time(r["per_removal_s"])] for r in comp]))
+    md = markdown(rows, props, peak, peak_src, args.group, iters)
     line = summary(rows, peak)
     payload = {"machine": machine(), "gpu": gpu,
                "config": {"head_dim": D, "kv_heads": KV_HEADS, "dtype": "float16",

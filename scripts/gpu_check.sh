@@ -19,7 +19,7 @@
 #   bash scripts/gpu_check.sh --dry-run  # no GPU needed: find Python, build (arch: $TORCH_CUDA_ARCH_LIST,
 #                                        # default 9.0), run the tests (they skip), no benchmark
 # Python: $PYTHON, else .venv/bin/python if it imports torch, else python3, else python.
-# CUDA toolkit: $CUDA_HOME, else /usr/local/cuda, else the nvcc on PATH.
+# CUDA toolkit: $CUDA_HOME, else /usr/local/cuda, else the nvcc on PATH, else a pip nvidia/*/bin/nvcc.
 # Logs and results go to $OUT when it is set (the device tool's output folder), else
 # benchmarks/results. Exit status: 0 if the build, the tests and the benchmark all passed.
 set -uo pipefail
@@ -52,7 +52,11 @@ fi
 if [[ -z "${CUDA_HOME:-}" ]]; then
   if [[ -x /usr/local/cuda/bin/nvcc ]]; then CUDA_HOME=/usr/local/cuda
   elif command -v nvcc >/dev/null; then CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
-  else CUDA_HOME=/usr/local/cuda; fi
+  else  # a pip-installed toolkit (nvidia-cuda-nvcc) next to the Python's torch
+    NVCC=$("$PY" -c "import glob, os, site; print(next(iter(sorted(p for d in site.getsitepackages() for p in glob.glob(os.path.join(d, 'nvidia', '*', 'bin', 'nvcc')))), ''))" 2>/dev/null)
+    CUDA_HOME=${NVCC:+$(dirname "$(dirname "$NVCC")")}
+    CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+  fi
 fi
 export CUDA_HOME PATH="$CUDA_HOME/bin:$PATH"
 # one Python start (importing torch takes seconds): describe the environment, print the arch last
