@@ -232,7 +232,8 @@ def markdown(rows: list[dict], props, peak: float, peak_src: str, group: int, it
     att = [r for r in rows if "GB_per_s" in r]
     comp = [r for r in rows if "per_removal_s" in r]
     return (f"GPU: {props.name} ({props.multi_processor_count} SMs, capability "
-            f"{props.major}.{props.minor}), peak HBM bandwidth {peak / 1e12:.2f} TB/s ({peak_src}); "
+            f"{props.major}.{props.minor}), peak HBM bandwidth {peak / 1e12:.2f} TB/s "
+            f"({peak_src}); "
             f"CUDA {torch.version.cuda}, torch {torch.__version__}. head_dim {D}, float16, "
             f"{KV_HEADS} KV heads, GQA group {group}; attention: {iters} back-to-back calls "
             f"per CUDA-event batch over cache copies > 3x L2, median of 5 batches; compress: "

@@ -790,7 +790,8 @@ void launch_split(const AttentionParams& p, const at::Tensor& keys, const char* 
               " query values, more than this device allows (", limit,
               "); use fewer query heads per KV head or a smaller head_dim");
 
-  // workspace: e [rows][G][C] | m, z [rows][nsplit][G] | acc [rows][nsplit][G][D] | n [rows][nsplit]
+  // workspace: e [rows][G][C] | m, z [rows][nsplit][G] | acc [rows][nsplit][G][D] |
+  // n [rows][nsplit]
   const size_t parts = size_t(rows) * plan.nsplit;
   const size_t e_bytes = round_up(sizeof(float) * size_t(rows) * G * C, 16);
   const size_t mz_bytes = round_up(sizeof(float) * parts * G, 16);
