@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .caches import DISPLAY, POLICIES
+from .caches import DISPLAY, POLICIES, PROMPT_DISPLAY
 
 FORMAT = "weightedkv_ext.eval.tasks/1"
 
@@ -42,35 +42,41 @@ class Cell:
     budget: int | None = None
     sinks: int | None = None
     recent: int | None = None
+    prompt: str = "stream"  # caches.PROMPT_VARIANTS
 
     @property
     def key(self) -> str:
         head = f"{self.task}/{self.dataset}/len{self.length}"
         if self.policy == "full":
             return f"{head}/full"
-        return f"{head}/{self.policy}/b{self.budget}/s{self.sinks}/r{self.recent}"
+        tail = "" if self.prompt == "stream" else f"/{self.prompt}"
+        return f"{head}/{self.policy}/b{self.budget}/s{self.sinks}/r{self.recent}{tail}"
 
     @property
     def label(self) -> str:
         b = "" if self.policy == "full" else f" b={self.budget}"
-        return f"{self.task} {self.dataset} L={self.length} {DISPLAY[self.policy]}{b}"
+        return (f"{self.task} {self.dataset} L={self.length} {DISPLAY[self.policy]}"
+                f"{PROMPT_DISPLAY[self.prompt] if self.policy != 'full' else ''}{b}")
 
     def record(self) -> dict:
         return {"task": self.task, "dataset": self.dataset, "length": self.length,
                 "policy": self.policy, "budget": self.budget, "sinks": self.sinks,
-                "recent": self.recent}
+                "recent": self.recent, "prompt_mode": self.prompt}
 
 
-def plan(task: str, datasets: list[str], lengths, policies, budgets, sinks, recent_of) -> list[Cell]:
-    """Cells in run order: per dataset and length, the full cache first, then each budget."""
+def plan(task: str, datasets: list[str], lengths, policies, budgets, sinks, recent_of,
+         prompts=("stream",)) -> list[Cell]:
+    """Cells in run order: per dataset and length, the full cache first, then each budget and
+    prompt mode."""
     cells = []
     for ds in datasets:
         for length in lengths:
             if "full" in policies:
                 cells.append(Cell(task, ds, length, "full"))
             for b in budgets:
-                cells += [Cell(task, ds, length, p, b, sinks, recent_of(b))
-                          for p in policies if p != "full"]
+                for pm in prompts:
+                    cells += [Cell(task, ds, length, p, b, sinks, recent_of(b), pm)
+                              for p in policies if p != "full"]
     return cells
 
 
@@ -183,6 +189,8 @@ def greedy(model, ids: torch.Tensor, cache, feed: int, new_tokens: int,
     for s in range(start, L, feed):
         logits = model(input_ids=ids[:, s:s + feed], **cache.as_kwargs(), use_cache=True,
                        logits_to_keep=1).logits
+    if hasattr(cache, "end_prompt"):
+        cache.end_prompt()  # snapkv prompt mode: compress the prompt once (no-op when streaming)
     out = [logits[:, -1].argmax(-1)]
     for _ in range(new_tokens - 1):
         logits = model(input_ids=out[-1][:, None], **cache.as_kwargs(), use_cache=True,
