@@ -49,22 +49,23 @@ def test_prompt_modes_end_to_end(model_dir, tmp_path):
             "16", "--batch", "3", "--task", "passkey", "--lengths", "320", "--depths", "0,100",
             "--samples", "2", "--policies", "full,weightedkv,evict", "--budgets", "40",
             "--prompt-modes", "stream,snapkv,snapkv_merge", "--prompt-window", "8",
-            "--min-full-accuracy", "0"]
+            "--prompt-pool", "7,3", "--min-full-accuracy", "0"]
     assert cli.main(argv) == 0
     data = json.loads((tmp_path / "results_passkey.json").read_text())
-    assert len(data["cells"]) == 1 + 2 * 3
-    modes = sorted(c["prompt_mode"] for c in data["cells"].values() if c["policy"] != "full")
-    assert modes == ["snapkv", "snapkv", "snapkv_merge", "snapkv_merge", "stream", "stream"]
+    assert len(data["cells"]) == 1 + 2 * 5
+    modes = sorted(c["prompt_mode"] for c in data["cells"].values() if c["policy"] == "evict")
+    assert modes == ["snapkv", "snapkv_merge", "snapkv_merge_p3", "snapkv_p3", "stream"]
     assert all(c["complete"] and len(c["results"]) == 4 for c in data["cells"].values())
-    assert data["config"]["prompt_window"] == 8
+    assert data["config"]["prompt_window"] == 8 and data["config"]["prompt_pool"] == 7
     md = (tmp_path / "results_passkey.md").read_text()
     assert "WeightedKV + SnapKV prompt |" in md and "Evict (no merge) + SnapKV prompt, merged" in md
+    assert "WeightedKV + SnapKV prompt, merged, pool 3 |" in md
     assert (tmp_path / "passkey_heatmap_weightedkv_snapkv.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--task", "passkey", "--prompt-modes", "snap"], r"--prompt-modes: .*unknown prompt mode"),
-    (["--task", "passkey", "--prompt-pool", "4"], r"--prompt-pool: must be odd"),
+    (["--task", "passkey", "--prompt-pool", "7,4"], r"--prompt-pool: must be odd"),
     (["--task", "passkey", "--prompt-modes", "snapkv", "--budgets", "32"],
      r"--prompt-window: budget 32 must exceed"),
     (["--task", "kl", "--prompt-modes", "snapkv"], r"--prompt-modes: only the passkey and niah"),

@@ -13,8 +13,33 @@ PROMPT_VARIANTS = {
     "snapkv": dict(prompt_mode="snapkv", prompt_merge=False),
     "snapkv_merge": dict(prompt_mode="snapkv", prompt_merge=True),
 }
-PROMPT_DISPLAY = {"stream": "", "snapkv": " + SnapKV prompt",
-                  "snapkv_merge": " + SnapKV prompt, merged"}
+_VARIANT_DISPLAY = {"stream": "", "snapkv": " + SnapKV prompt",
+                    "snapkv_merge": " + SnapKV prompt, merged"}
+
+
+def prompt_name(variant: str, pool: int, default_pool: int) -> str:
+    """A cell's prompt mode: the variant, plus ``_p<pool>`` when its pooling kernel is not the
+    run's first (``--prompt-pool 7,15``: ``snapkv`` and ``snapkv_p15``)."""
+    return variant if variant == "stream" or pool == default_pool else f"{variant}_p{pool}"
+
+
+def parse_prompt(name: str, default_pool: int) -> tuple[str, int]:
+    """(variant, pool) of a ``prompt_name``."""
+    head, _, tail = name.rpartition("_p")
+    if head in PROMPT_VARIANTS and tail.isdigit():
+        return head, int(tail)
+    return name, default_pool
+
+
+def prompt_display(name: str) -> str:
+    """How tables name a prompt mode (after the policy's name)."""
+    variant, pool = parse_prompt(name, 0)
+    return _VARIANT_DISPLAY[variant] + (f", pool {pool}" if pool else "")
+
+
+def prompt_order(name: str) -> tuple:
+    variant, pool = parse_prompt(name, 0)
+    return list(PROMPT_VARIANTS).index(variant), pool
 
 
 def prepare(model):
@@ -34,9 +59,10 @@ def cache_factory(policy: str, budget: int | None, sinks: int, recent: int | Non
 
     if policy == "full":
         budget, recent = None, None
-    extra = dict(PROMPT_VARIANTS[prompt])
+    variant, pool = parse_prompt(prompt, prompt_pool)
+    extra = dict(PROMPT_VARIANTS[variant])
     if extra:
-        extra.update(prompt_window=prompt_window, prompt_pool=prompt_pool, prompt_end="manual")
+        extra.update(prompt_window=prompt_window, prompt_pool=pool, prompt_end="manual")
 
     def make():
         return WeightedKVCache(budget, sinks=sinks, recent=recent, policy=policy,

@@ -99,6 +99,17 @@ def _prompt_modes(text: str) -> list[str]:
     return list(dict.fromkeys(values))
 
 
+def _pools(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 or v % 2 == 0 for v in values):
+        raise argparse.ArgumentTypeError(f"must be odd (a centred pooling kernel), comma-separated "
+                                         f"odd ints >= 1, got {text!r}")
+    return list(dict.fromkeys(values))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="weightedkv-eval", description=__doc__.split("\n\n")[1])
@@ -149,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "values merged into their kept neighbours) [stream]")
     p.add_argument("--prompt-window", type=_positive, default=32,
                    help="snapkv: observation window (last prompt tokens) [%(default)s]")
-    p.add_argument("--prompt-pool", type=_positive, default=7,
-                   help="snapkv: pooling kernel over the window scores (odd) [%(default)s]")
+    p.add_argument("--prompt-pool", type=_pools, default=[7],
+                   help="snapkv: comma-separated pooling kernels over the window scores (odd); "
+                        "each one after the first adds cells named <mode>_p<pool> [7]")
     p.add_argument("--chunk-size", type=_positive, default=1,
                    help="tokens appended between compressions [1 = paper setting; others are labelled]")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype [%(default)s]")
@@ -208,9 +220,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.model != "smollm2" and not Path(args.model).is_dir():
         parser.error(f"argument --model: no such model folder: {args.model!r} "
                      "(use 'smollm2' or a local Hugging Face model folder)")
-    if args.prompt_pool % 2 == 0:
-        parser.error(f"argument --prompt-pool: must be odd (a centred pooling kernel), got "
-                     f"{args.prompt_pool}")
     if args.prompt_modes != ["stream"]:
         if args.task not in ("passkey", "niah"):
             parser.error("argument --prompt-modes: only the passkey and niah tasks have a prompt "

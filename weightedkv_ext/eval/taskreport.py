@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .caches import DISPLAY, POLICIES, PROMPT_DISPLAY, PROMPT_VARIANTS, default_recent
+from .caches import DISPLAY, POLICIES, default_recent, prompt_display, prompt_order
 from .tasks import wilson
 
 
@@ -65,14 +65,15 @@ def _find(cells, dataset, length, policy, group, prompt="stream"):
 def _variants(cells, group=False) -> list[tuple[str, str]]:
     """(policy, prompt mode) rows present (in ``group`` unless False), table order: each policy
     with its prompt modes next to each other."""
-    return [(p, m) for p in POLICIES for m in PROMPT_VARIANTS
+    modes = sorted({_prompt_of(c) for c in cells} | {"stream"}, key=prompt_order)
+    return [(p, m) for p in POLICIES for m in modes
             if any(c["policy"] == p and (p != "full" or m == "stream") and
                    (p == "full" or _prompt_of(c) == m) and
                    (group is False or _group_of(c) == group) for c in cells)]
 
 
 def _display(policy: str, prompt: str) -> str:
-    return DISPLAY[policy] + (PROMPT_DISPLAY[prompt] if policy != "full" else "")
+    return DISPLAY[policy] + (prompt_display(prompt) if policy != "full" else "")
 
 
 # -- retrieval ---------------------------------------------------------------------------------

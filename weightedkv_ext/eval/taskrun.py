@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .caches import DISPLAY, POLICIES, PROMPT_DISPLAY
+from .caches import DISPLAY, POLICIES, prompt_display
 
 FORMAT = "weightedkv_ext.eval.tasks/1"
 
@@ -42,7 +42,7 @@ class Cell:
     budget: int | None = None
     sinks: int | None = None
     recent: int | None = None
-    prompt: str = "stream"  # caches.PROMPT_VARIANTS
+    prompt: str = "stream"  # caches.prompt_name: a PROMPT_VARIANTS key (+ "_p<pool>")
 
     @property
     def key(self) -> str:
@@ -56,7 +56,7 @@ class Cell:
     def label(self) -> str:
         b = "" if self.policy == "full" else f" b={self.budget}"
         return (f"{self.task} {self.dataset} L={self.length} {DISPLAY[self.policy]}"
-                f"{PROMPT_DISPLAY[self.prompt] if self.policy != 'full' else ''}{b}")
+                f"{prompt_display(self.prompt) if self.policy != 'full' else ''}{b}")
 
     def record(self) -> dict:
         return {"task": self.task, "dataset": self.dataset, "length": self.length,
