@@ -11,12 +11,14 @@ set(WKV_CORE_SOURCES
     csrc/cpu/accumulate.cpp
     csrc/cpu/append.cpp
     csrc/cpu/attention.cpp
-    csrc/cpu/compress.cpp)
+    csrc/cpu/compress.cpp
+    csrc/cpu/snap.cpp)
 set(WKV_CUDA_SOURCES
     csrc/cuda/accumulate.cu
     csrc/cuda/append.cu
     csrc/cuda/attention.cu
-    csrc/cuda/compress.cu)
+    csrc/cuda/compress.cu
+    csrc/cuda/snap.cu)
 set(WKV_NUMERICS_CXX_FLAGS -ffp-contract=off)
 set(WKV_NUMERICS_CUDA_FLAGS --fmad=false)
 set(WKV_CUDA_EXTRA_FLAGS --expt-relaxed-constexpr)

@@ -34,12 +34,20 @@ using AttentionOp = void(const Tensor& query, const Tensor& keys, const Tensor& 
                          c10::string_view group_reduce, int64_t window, double softcap,
                          const std::optional<Tensor>& sinks, const Tensor& out);
 
+// snap_compress: the prompt-end step of the "snapkv" prompt mode (csrc/kernels/snap.h); kept
+// [B, H, C] int64 is caller-allocated and written.
+using SnapCompressOp = void(const Tensor& keys, const Tensor& values, const Tensor& scores,
+                            const Tensor& counts, const Tensor& last, const Tensor& slot_pos,
+                            int64_t budget, int64_t sinks, int64_t recent, int64_t pool,
+                            bool merge, const Tensor& kept);
+
 namespace cpu {
 AppendOp append;
 AccumulateOp accumulate;
 CompressOp compress;
 AttentionOp decode_attention;
 AttentionOp block_attention;
+SnapCompressOp snap_compress;
 }  // namespace cpu
 
 namespace gpu {
@@ -48,6 +56,7 @@ AccumulateOp accumulate;
 CompressOp compress;
 AttentionOp decode_attention;
 AttentionOp block_attention;
+SnapCompressOp snap_compress;
 }  // namespace gpu
 
 }  // namespace wkv

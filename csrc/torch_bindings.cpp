@@ -27,6 +27,12 @@ TORCH_LIBRARY(weightedkv, m) {
       "Tensor query_pos, Tensor(a!) scores, Tensor(b!) counts, Tensor(c!) last, float scale, "
       "str group_reduce=\"mean\", *, int window=0, float softcap=0.0, Tensor? sinks=None, "
       "Tensor(d!) out) -> ()");
+  // snap_compress: the prompt-end step of the "snapkv" prompt mode (one-shot top-k by pooled
+  // window scores, optional merge); kept [B, H, C] int64 is caller-allocated.
+  m.def(
+      "snap_compress(Tensor(a!) keys, Tensor(b!) values, Tensor(c!) scores, Tensor(d!) counts, "
+      "Tensor(e!) last, Tensor(f!) slot_pos, int budget, int sinks, int recent, int pool, "
+      "bool merge, *, Tensor(g!) kept) -> ()");
 }
 
 // Exported so that a non-Python consumer (the C++ tests) can force this library to load.

@@ -21,6 +21,7 @@ from transformers import LlamaForCausalLM
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import ops, policies, reference
+from . import prompt as _prompt_mode
 from .engine import BACKENDS, KVEngine  # noqa: F401  (BACKENDS re-exported)
 
 # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns until 5.40).
@@ -33,7 +34,7 @@ GROUP_REDUCES = policies.GROUP_REDUCES
 _ENABLE_HINT = ('call weightedkv_ext.enable(model) (or load the model with '
                 'attn_implementation="weightedkv")')
 _ENGINE_ARGS = ("budget", "sinks", "recent", "policy", "chunk_size", "cam_window", "seed",
-                "group_reduce", "backend")
+                "group_reduce", "backend", *_prompt_mode.OPTIONS)
 
 
 class WeightedKVLayer(CacheLayerMixin):
@@ -241,6 +242,11 @@ class WeightedKVCache(Cache):
         group_reduce: how the G query heads of a KV head are combined into one score
             (``mean``, ``sum`` or ``max``).
         backend: ``"ops"`` (compiled kernels, default) or ``"reference"`` (pure PyTorch, slow).
+        prompt_mode, prompt_window, prompt_pool, prompt_budget, prompt_merge, prompt_end:
+            ``prompt_mode="snapkv"`` holds the prompt and compresses it once, at its end, by the
+            attention of its last ``prompt_window`` tokens (the question), then decodes with
+            ``policy``; ``"stream"`` (default) compresses the prompt as it streams in. See
+            ``weightedkv_ext.prompt`` and ``end_prompt()``.
 
     Integer arguments accept any integer-like value (``numpy.int64``), not bools.
     """
@@ -248,10 +254,15 @@ class WeightedKVCache(Cache):
     def __init__(self, budget: int | None, sinks: int = policies.DEFAULT_SINKS,
                  recent: int | None = None, policy: str = "weightedkv", chunk_size: int = 128,
                  cam_window: int = 16, seed: int = 0, group_reduce: str = "mean",
-                 backend: str = "ops"):
+                 backend: str = "ops", **prompt_options):
+        unknown = sorted(set(prompt_options) - set(_prompt_mode.OPTIONS))
+        if unknown:
+            raise TypeError(f"WeightedKVCache: unexpected keyword argument {unknown[0]!r} "
+                            f"(prompt options: {', '.join(_prompt_mode.OPTIONS)})")
+        prompt_options = {**_prompt_mode.OPTIONS, **prompt_options}
         # One set of rules: the engine validates (and resolves recent=None) for every layer.
         proto = KVEngine(budget, sinks, recent, policy, chunk_size, cam_window, seed,
-                         group_reduce, backend, name="WeightedKVCache")
+                         group_reduce, backend, name="WeightedKVCache", **prompt_options)
         super().__init__(layers=[])
         for a in _ENGINE_ARGS:
             setattr(self, a, getattr(proto, a))
@@ -302,6 +313,13 @@ class WeightedKVCache(Cache):
     def reset(self):
         super().reset()
         self._last_updated = None
+
+    def end_prompt(self) -> None:
+        """End the prompt in every layer (``prompt_mode="snapkv"`` with chunked prefill or
+        ``prompt_end="manual"``): each layer compresses its held prompt once to ``budget`` by the
+        attention of its last ``prompt_window`` queries. A no-op in ``"stream"`` mode."""
+        for layer in self.layers:
+            layer.engine.end_prompt()
 
     def as_kwargs(self) -> dict:
         """``{"cache": self}`` where the installed transformers names the argument ``cache``

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from . import policies
+from . import prompt as _prompt_mode
 
 BACKENDS = ("ops", "reference")
 
@@ -58,6 +59,10 @@ class KVEngine:
         softcap: logit soft-capping ``softcap * tanh(logit / softcap)`` (0 = off).
         sink_logits: learned attention sinks (GPT-OSS ``s_aux``), float ``[Hq]``, or None.
         name: how errors name this engine; reset_hint: what they tell the user to call.
+        prompt_mode, prompt_window, prompt_pool, prompt_budget, prompt_merge, prompt_end: how the
+            prompt is compressed (``"stream"``: like every token; ``"snapkv"``: held, then
+            compressed once by the attention of its last ``prompt_window`` queries); see
+            ``weightedkv_ext.prompt`` (the one table of these options: ``prompt.OPTIONS``).
     """
 
     transactional = True  # snapshot before mutating, restore on any exception
@@ -65,7 +70,9 @@ class KVEngine:
     def __init__(self, budget, sinks=policies.DEFAULT_SINKS, recent=None, policy="weightedkv",
                  chunk_size=128, cam_window=16, seed=0, group_reduce="mean", backend="ops", *,
                  window=0, softcap=0.0, sink_logits=None, head_offset=0, name="KVEngine",
-                 reset_hint="engine.reset()"):
+                 reset_hint="engine.reset()", prompt_mode="stream", prompt_window=32,
+                 prompt_pool=7, prompt_budget=None, prompt_merge=False,
+                 prompt_end="first_forward"):
         self.name, self.reset_hint = name, reset_hint
         self.budget, self.sinks, self.recent = policies.resolve(name, policy, budget, sinks,
                                                                 recent)
@@ -89,6 +96,13 @@ class KVEngine:
         self.window = self._check_window(window)
         self.softcap = self._check_softcap(softcap)
         self.sink_logits = sink_logits
+        self.prompt = _prompt_mode.resolve(
+            name, policy, self.budget, self.sinks, self.recent, prompt_mode=prompt_mode,
+            prompt_window=prompt_window, prompt_pool=prompt_pool, prompt_budget=prompt_budget,
+            prompt_merge=prompt_merge, prompt_end=prompt_end)
+        (self.prompt_mode, self.prompt_window, self.prompt_pool, self.prompt_budget,
+         self.prompt_merge, self.prompt_end) = (prompt_mode, self.prompt.window, self.prompt.pool,
+                                                self.prompt.budget, prompt_merge, prompt_end)
         self.ops_source = None  # an object whose .ops is the op module (the transformers cache)
         self._ops_override = None
         self.reset()
@@ -125,6 +139,7 @@ class KVEngine:
         self.seen = 0  # columns received (padding included)
         self.peak_block = 0  # largest attention block built: queries x slots per (row, head)
         self._window_fixed = False  # the window is part of the storage rule once tokens are held
+        self._prompt = _prompt_mode.PromptState()  # the prompt mode's state (prompt.py)
 
     @property
     def is_initialized(self) -> bool:
@@ -162,6 +177,8 @@ class KVEngine:
             return self.window, 0, 0, "streaming"
         if self.policy == "full":
             return None
+        if _prompt_mode.in_prompt(self):  # snapkv: the prompt is held (or kept to prompt_budget)
+            return _prompt_mode.compress_args(self)
         return self.budget, self.sinks, self.recent, self.policy
 
     def _limit(self) -> int | None:
@@ -324,15 +341,32 @@ class KVEngine:
             try:
                 self.window = window
                 out = self._step(query, key, value, real, positions, scale, feats)
+                if T > 1 and self.prompt.end == "first_forward" and _prompt_mode.in_prompt(self):
+                    _prompt_mode.end(self)  # the prompt ends with the first multi-token call
             except BaseException:
                 self._restore(saved)
                 raise
         self._window_fixed = True
         return out
 
+    def end_prompt(self) -> None:
+        """End the prompt now (``prompt_mode="snapkv"``): compress it once to ``budget`` by the
+        attention of its last ``prompt_window`` queries (weightedkv_ext/prompt.py). A no-op in
+        ``"stream"`` mode or once ended; ``reset()`` starts a new prompt."""
+        if not _prompt_mode.in_prompt(self):
+            return
+        with torch.no_grad():
+            saved = self._snapshot()
+            try:
+                _prompt_mode.end(self)
+            except BaseException:
+                self._restore(saved)
+                raise
+
     def _snapshot(self):
         attrs = {n: getattr(self, n) for n in self._TENSORS}
-        attrs.update(seen=self.seen, peak_block=self.peak_block, window=self.window)
+        attrs.update(seen=self.seen, peak_block=self.peak_block, window=self.window,
+                     _prompt=self._prompt)
         if self.transactional and self.is_initialized:
             # The ops write in place: keep copies (replaced tensors need none, see _make_room).
             self._clones = {n: t.clone() for n, t in attrs.items() if isinstance(t, Tensor)}
@@ -432,6 +466,8 @@ class KVEngine:
         self._make_room(query.shape[2], key)
         self.ops.append(*self.state, key, value, qpos)
         out = self._attention(query, qpos, scale, *feats)
+        if _prompt_mode.in_prompt(self):  # keep the last queries for the prompt-end scores
+            _prompt_mode.observe(self, query, qpos, scale, feats)
         args = self._compress_args()
         if args is not None:
             self.ops.compress(*self.state, *args, self.cam_window, self.seed,
@@ -472,6 +508,7 @@ class KVEngine:
         index = torch.as_tensor(index, dtype=torch.long).to(self.keys.device)
         for name in self._TENSORS:
             setattr(self, name, getattr(self, name).index_select(0, index).contiguous())
+        _prompt_mode.index_batch(self, index)
 
     def reorder(self, beam_idx: Tensor) -> None:
         self.index_batch(beam_idx)

@@ -129,6 +129,30 @@ def block_attention(query: Tensor, keys: Tensor, values: Tensor, slot_pos: Tenso
     return out
 
 
+def snap_compress(keys: Tensor, values: Tensor, scores: Tensor, counts: Tensor, last: Tensor,
+                  slot_pos: Tensor, budget: int, sinks: int, recent: int, pool: int = 7,
+                  merge: bool = False, *, kept: Tensor | None = None) -> Tensor:
+    """The prompt-end step of the ``snapkv`` prompt mode: compress every (b, h) to ``budget``
+    held tokens at once (in place), ranked by ``scores`` (the window's attention sums).
+
+    Per (b, h), with the held tokens in position order: the scores averaged over ``pool``
+    neighbours (odd, centred, zero outside); the ``sinks`` oldest and ``recent`` newest (the
+    observation window) kept; of the others, the ``budget - sinks - recent`` with the highest
+    pooled score kept (ties: older first); the rest dropped, or with ``merge`` first merged into
+    their kept right neighbour weighted by ``scores / counts``. Returns ``kept`` int64
+    ``[B, H, C]``: the held slots in position order, then -1 (the given ``kept`` if any).
+    """
+    op = "snap_compress"
+    if kept is None:
+        kept = torch.empty(slot_pos.shape, dtype=torch.int64, device=slot_pos.device)
+    if not isinstance(merge, bool):
+        raise ValueError(f"{op}: merge must be a bool, got merge={merge!r}")
+    _ops.snap_compress(keys, values, scores, counts, last, slot_pos, _int(op, "budget", budget),
+                       _int(op, "sinks", sinks), _int(op, "recent", recent),
+                       _int(op, "pool", pool), merge, kept=kept)
+    return kept
+
+
 # ---- fake (meta) kernels, for torch.compile / FakeTensor tracing -----------------------------
 # A call mixing meta and CPU tensors dispatches here (Meta outranks CPU), so the device check of
 # the real kernels is repeated: every tensor argument on one device, else the kernels' error.
@@ -189,5 +213,13 @@ def _block_attention_fake(query, keys, values, slot_pos, query_pos, scores, coun
                            counts, last, sinks, out, 4)
 
 
+@torch.library.register_fake("weightedkv::snap_compress")
+def _snap_compress_fake(keys, values, scores, counts, last, slot_pos, budget, sinks, recent, pool,
+                        merge, *, kept):
+    _one_device("snap_compress", keys=keys, values=values, scores=scores, counts=counts,
+                last=last, slot_pos=slot_pos, kept=kept)
+    return None
+
+
 __all__ = ["POLICIES", "GROUP_REDUCES", "append", "accumulate", "compress", "decode_attention",
-           "block_attention"]
+           "block_attention", "snap_compress"]

@@ -509,3 +509,97 @@ def compress(keys, values, scores, counts, last, slot_pos, budget, sinks, recent
         for h in range(H):
             _compress_one(values[b, h], scores[b, h], counts[b, h], last[b, h], slot_pos[b, h],
                           b, head_offset + h, budget, sinks, recent, policy, cam_window, seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# snap_compress: the prompt-end step of the "snapkv" prompt mode (docs/design.md)
+
+
+def _snap_pooled(window: Tensor, pool: int) -> Tensor:
+    """Average of the window-score sums over ``pool`` centred neighbours (zero outside), float32,
+    summed in increasing rank order."""
+    half, L = pool // 2, window.shape[0]
+    padded = torch.cat([window.new_zeros(half), window, window.new_zeros(half)])
+    acc = window.new_zeros(L)
+    for i in range(pool):
+        acc = acc + padded[i:i + L]
+    return acc / torch.tensor(float(pool), dtype=torch.float32)
+
+
+def _snap_merge(values_bh: Tensor, avg: Tensor, run: list[int], r: int) -> None:
+    """v_r <- (sum_k w_k v_k) / (sum_k w_k), k over r then the dropped run right to left."""
+    slots = [r] + run[::-1]
+    w = [avg[k].float().reshape(()) for k in slots]
+    s = _f32(0.0)
+    for x in w:
+        s = s + x
+    if not (math.isfinite(float(s)) and float(s) > 0):
+        w, s = [_f32(1.0)] * len(slots), _f32(float(len(slots)))
+    elif all(float(x) >= 0 for x in w) and not 0.5 <= float(s) < 1.0:
+        if float(s) < 2.0 ** -126 or float(s) >= 2.0 ** 64:
+            g = _f32(2.0 ** 64 if float(s) < 2.0 ** -126 else 2.0 ** -64)
+            w = [x * g for x in w]
+            s = _f32(0.0)
+            for x in w:
+                s = s + x
+        _, e = math.frexp(float(s))
+        f = _f32(2.0 ** -e)
+        w = [x * f for x in w]
+        s = _f32(0.0)
+        for x in w:
+            s = s + x
+    acc = torch.zeros(values_bh.shape[1], dtype=torch.float32, device=values_bh.device)
+    for x, k in zip(w, slots):
+        acc = acc + x * values_bh[k].float()
+    _store(values_bh[r], acc / s)
+
+
+def snap_compress(keys, values, scores, counts, last, slot_pos, budget, sinks, recent, pool=7,
+                  merge=False, *, kept=None) -> Tensor:
+    """Compress every (b, h) to ``budget`` at once by the pooled ``scores`` (docs/design.md,
+    snap_compress); returns ``kept`` [B, H, C] (held slots in position order, then -1)."""
+    op = "snap_compress"
+    _check_state(op, keys, values, scores, counts, last, slot_pos)
+    if sinks < 0:
+        _fail(op, f"sinks must be >= 0, got sinks={sinks}")
+    if recent < 0:
+        _fail(op, f"recent must be >= 0 (the observation window kept), got recent={recent}")
+    if budget <= sinks + recent:
+        _fail(op, f"budget must exceed sinks + recent, got budget={budget}, sinks={sinks}, "
+                  f"recent={recent}")
+    if pool < 1 or pool % 2 == 0:
+        _fail(op, f"pool must be an odd int >= 1 (the pooling kernel, centred; 1 = no pooling), "
+                  f"got pool={pool}")
+    B, H, C = slot_pos.shape
+    if kept is None:
+        kept = torch.empty(B, H, C, dtype=torch.int64, device=slot_pos.device)
+    kept.fill_(-1)
+    for b in range(B):
+        for h in range(H):
+            pos = slot_pos[b, h].tolist()
+            order = sorted((c for c in range(C) if pos[c] >= 0), key=lambda c: (pos[c], c))
+            L = len(order)
+            keep = [True] * L
+            if L > budget:
+                idx = torch.tensor(order, dtype=torch.long, device=slot_pos.device)
+                pooled = _snap_pooled(scores[b, h, idx].float(), pool).tolist()
+                key = [float("-inf") if x != x else x for x in pooled]
+                eligible = sorted(range(sinks, L - recent), key=lambda k: (-key[k], k))
+                for k in eligible[budget - sinks - recent:]:
+                    keep[k] = False
+                if merge:
+                    avg = _avg(scores[b, h], counts[b, h])
+                    run = []
+                    for k in range(L):
+                        if not keep[k]:
+                            run.append(order[k])
+                        elif run:
+                            _snap_merge(values[b, h], avg, run, order[k])
+                            run = []
+                for k in range(L):
+                    if not keep[k]:
+                        _drop(scores[b, h], counts[b, h], last[b, h], slot_pos[b, h], order[k])
+            held = [order[k] for k in range(L) if keep[k]]
+            if held:
+                kept[b, h, :len(held)] = torch.tensor(held, dtype=torch.int64)
+    return kept

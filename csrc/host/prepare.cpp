@@ -1,5 +1,6 @@
 // prepare.cpp: validation + params packing for all the ops (see prepare.h).
 #include "prepare.h"
+#include "prepare_snap.h"
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
@@ -437,6 +438,44 @@ AttentionParams prepare_block(const at::Tensor& query, const at::Tensor& keys,
   check_shape(op, "out", out, {B, Hq, Q, D}, "[B, Hq, Q, D] (the shape of query)");
   return prepare_attention(op, query, keys, values, slot_pos, query_pos, scores, counts, last,
                            scale, group_reduce, window, softcap, sinks, out);
+}
+
+// snap_compress (prepare_snap.h): the compress checks of the cache and the budget, plus pool and
+// the caller-allocated kept [B, H, C] int64.
+SnapParams prepare_snap(const at::Tensor& keys, const at::Tensor& values,
+                        const at::Tensor& scores, const at::Tensor& counts,
+                        const at::Tensor& last, const at::Tensor& slot_pos, int64_t budget,
+                        int64_t sinks, int64_t recent, int64_t pool, bool merge,
+                        const at::Tensor& kept) {
+  const char* op = "snap_compress";
+  const auto [B, H, C, D] = check_cache(op, keys, values, scores, counts, last, slot_pos);
+  (void)D;
+  TORCH_CHECK(sinks >= 0, op, ": sinks must be >= 0, got sinks=", sinks);
+  TORCH_CHECK(recent >= 0, op, ": recent must be >= 0 (the observation window kept), got recent=",
+              recent);
+  TORCH_CHECK(budget > sinks && budget - sinks > recent, op,
+              ": budget must exceed sinks + recent, got budget=", budget, ", sinks=", sinks,
+              ", recent=", recent);
+  TORCH_CHECK(pool >= 1 && pool % 2 == 1, op,
+              ": pool must be an odd int >= 1 (the pooling kernel, centred; 1 = no pooling), "
+              "got pool=", pool);
+  check_tensor(op, "kept", kept, {B, H, C}, "[B, H, C]", at::kLong);
+  check_device(op, keys, "keys", {{"kept", &kept}});
+  check_no_aliasing(op,
+                    {{"keys", &keys}, {"values", &values}, {"scores", &scores},
+                     {"counts", &counts}, {"last", &last}, {"slot_pos", &slot_pos},
+                     {"kept", &kept}},
+                    {});
+  SnapParams p;
+  p.cache = make_cache(keys, values, scores, counts, last, slot_pos);
+  p.budget = budget;
+  p.sinks = sinks;
+  p.recent = recent;
+  p.pool = pool;
+  p.merge = merge;
+  p.kept = kept.data_ptr<int64_t>();
+  p.kept_st = st3(kept);
+  return p;
 }
 
 }  // namespace wkv::host

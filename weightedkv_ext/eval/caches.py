@@ -7,6 +7,40 @@ from typing import Callable
 # reductions come from the one registry, weightedkv_ext/policies.py (re-exported for the CLI).
 from ..policies import DISPLAY, GROUP_REDUCES, POLICIES, default_recent  # noqa: F401
 
+# The harness's prompt variants -> the cache's prompt options (weightedkv_ext/prompt.py).
+PROMPT_VARIANTS = {
+    "stream": {},
+    "snapkv": dict(prompt_mode="snapkv", prompt_merge=False),
+    "snapkv_merge": dict(prompt_mode="snapkv", prompt_merge=True),
+}
+_VARIANT_DISPLAY = {"stream": "", "snapkv": " + SnapKV prompt",
+                    "snapkv_merge": " + SnapKV prompt, merged"}
+
+
+def prompt_name(variant: str, pool: int, default_pool: int) -> str:
+    """A cell's prompt mode: the variant, plus ``_p<pool>`` when its pooling kernel is not the
+    run's first (``--prompt-pool 7,15``: ``snapkv`` and ``snapkv_p15``)."""
+    return variant if variant == "stream" or pool == default_pool else f"{variant}_p{pool}"
+
+
+def parse_prompt(name: str, default_pool: int) -> tuple[str, int]:
+    """(variant, pool) of a ``prompt_name``."""
+    head, _, tail = name.rpartition("_p")
+    if head in PROMPT_VARIANTS and tail.isdigit():
+        return head, int(tail)
+    return name, default_pool
+
+
+def prompt_display(name: str) -> str:
+    """How tables name a prompt mode (after the policy's name)."""
+    variant, pool = parse_prompt(name, 0)
+    return _VARIANT_DISPLAY[variant] + (f", pool {pool}" if pool else "")
+
+
+def prompt_order(name: str) -> tuple:
+    variant, pool = parse_prompt(name, 0)
+    return list(PROMPT_VARIANTS).index(variant), pool
+
 
 def prepare(model):
     """Switch a loaded model to the ``weightedkv`` attention (all policies, ``full`` included)."""
@@ -17,17 +51,23 @@ def prepare(model):
 
 def cache_factory(policy: str, budget: int | None, sinks: int, recent: int | None,
                   chunk_size: int, cam_window: int = 16, seed: int = 0,
-                  backend: str = "ops", group_reduce: str = "mean") -> Callable[[], object]:
-    """A function returning a fresh, empty cache for one batch of windows."""
+                  backend: str = "ops", group_reduce: str = "mean", prompt: str = "stream",
+                  prompt_window: int = 32, prompt_pool: int = 7) -> Callable[[], object]:
+    """A function returning a fresh, empty cache for one batch of windows. ``prompt``: one of
+    ``PROMPT_VARIANTS``; its prompt ends when the harness calls ``cache.end_prompt()``."""
     from ..cache import WeightedKVCache
 
     if policy == "full":
         budget, recent = None, None
+    variant, pool = parse_prompt(prompt, prompt_pool)
+    extra = dict(PROMPT_VARIANTS[variant])
+    if extra:
+        extra.update(prompt_window=prompt_window, prompt_pool=pool, prompt_end="manual")
 
     def make():
         return WeightedKVCache(budget, sinks=sinks, recent=recent, policy=policy,
                                chunk_size=chunk_size, cam_window=cam_window, seed=seed,
-                               group_reduce=group_reduce, backend=backend)
+                               group_reduce=group_reduce, backend=backend, **extra)
 
     make()  # validate the arguments now, not in the middle of a run
     return make

@@ -16,7 +16,7 @@ import platform
 import sys
 from pathlib import Path
 
-from .caches import GROUP_REDUCES, POLICIES, default_recent
+from .caches import GROUP_REDUCES, POLICIES, PROMPT_VARIANTS, default_recent
 from .tasks import TASKS, TaskError, check_depths
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -89,6 +89,27 @@ def _policies(text: str) -> list[str]:
     return list(dict.fromkeys(values))
 
 
+def _prompt_modes(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in values if v not in PROMPT_VARIANTS]
+    if unknown or not values:
+        raise argparse.ArgumentTypeError(
+            f"unknown prompt mode {unknown[0] if unknown else text!r} (choose from "
+            f"{', '.join(PROMPT_VARIANTS)})")
+    return list(dict.fromkeys(values))
+
+
+def _pools(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 or v % 2 == 0 for v in values):
+        raise argparse.ArgumentTypeError(f"must be odd (a centred pooling kernel), comma-separated "
+                                         f"odd ints >= 1, got {text!r}")
+    return list(dict.fromkeys(values))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="weightedkv-eval", description=__doc__.split("\n\n")[1])
@@ -131,6 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="documents per dataset (first N by file name) [all]")
     p.add_argument("--max-tokens-per-doc", type=_at_least(2), default=None,
                    help=f"keep the first N tokens of each document [{DEFAULTS['max_tokens_per_doc']}]")
+    p.add_argument("--prompt-modes", type=_prompt_modes, default=["stream"],
+                   help="passkey/niah: comma-separated prompt modes of the compressed policies, "
+                        "from " + ",".join(PROMPT_VARIANTS) + " (stream: compressed while the "
+                        "prompt streams in; snapkv: held, then compressed once by the attention "
+                        "of its last --prompt-window tokens; snapkv_merge: the same, dropped "
+                        "values merged into their kept neighbours) [stream]")
+    p.add_argument("--prompt-window", type=_positive, default=32,
+                   help="snapkv: observation window (last prompt tokens) [%(default)s]")
+    p.add_argument("--prompt-pool", type=_pools, default=[7],
+                   help="snapkv: comma-separated pooling kernels over the window scores (odd); "
+                        "each one after the first adds cells named <mode>_p<pool> [7]")
     p.add_argument("--chunk-size", type=_positive, default=1,
                    help="tokens appended between compressions [1 = paper setting; others are labelled]")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype [%(default)s]")
@@ -188,6 +220,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.model != "smollm2" and not Path(args.model).is_dir():
         parser.error(f"argument --model: no such model folder: {args.model!r} "
                      "(use 'smollm2' or a local Hugging Face model folder)")
+    if args.prompt_modes != ["stream"]:
+        if args.task not in ("passkey", "niah"):
+            parser.error("argument --prompt-modes: only the passkey and niah tasks have a prompt "
+                         "followed by a question")
+        for b in args.budgets:
+            if b <= args.sinks + args.prompt_window:
+                parser.error(f"argument --prompt-window: budget {b} must exceed --sinks "
+                             f"{args.sinks} + --prompt-window {args.prompt_window}")
     args.feed = -(-args.feed // args.chunk_size) * args.chunk_size
     args.parser = parser
     return args

@@ -11,7 +11,7 @@ def main_task(args, argv=None) -> int:
 
     from . import data as evdata
     from . import taskreport
-    from .caches import cache_factory, default_recent, prepare
+    from .caches import cache_factory, default_recent, prepare, prompt_name
     from .cli import environment, load_model
     from .taskrun import Cell, ResumeError, TaskStore, plan, run_kl, run_retrieval
     from .tasks import NiahTask, PasskeyTask, TaskError
@@ -39,6 +39,8 @@ def main_task(args, argv=None) -> int:
     config = {"model": model_desc, "dtype": args.dtype, "chunk_size": args.chunk_size,
               "cam_window": args.cam_window, "seed": args.seed, "backend": args.backend,
               "group_reduce": args.group_reduce}
+    if getattr(args, "prompt_modes", ["stream"]) != ["stream"]:
+        config.update(prompt_window=args.prompt_window, prompt_pool=args.prompt_pool[0])
     generators, datasets = {}, []
     if task == "passkey":
         generators["filler"] = PasskeyTask(tokenizer, seed=args.seed)
@@ -90,15 +92,20 @@ def main_task(args, argv=None) -> int:
     factories = {}
 
     def make_cache(cell: Cell):
-        key = (cell.policy, cell.budget, cell.sinks, cell.recent)
+        key = (cell.policy, cell.budget, cell.sinks, cell.recent, cell.prompt)
         if key not in factories:
             factories[key] = cache_factory(cell.policy, cell.budget, cell.sinks or 0, cell.recent,
                                            args.chunk_size, args.cam_window, args.seed,
-                                           args.backend, args.group_reduce)
+                                           args.backend, args.group_reduce, cell.prompt,
+                                           args.prompt_window, args.prompt_pool[0])
         return factories[key]()
 
     names = list(generators) if generators else [d.name for d in datasets]
-    cells = plan(task_name, names, args.lengths, args.policies, args.budgets, args.sinks, recent_of)
+    pools = getattr(args, "prompt_pool", [7])
+    prompts = [prompt_name(v, p, pools[0]) for v in getattr(args, "prompt_modes", ["stream"])
+               for p in (pools if v != "stream" else pools[:1])]
+    cells = plan(task_name, names, args.lengths, args.policies, args.budgets, args.sinks, recent_of,
+                 prompts)
     record = {"argv": sys.argv[:1] + list(sys.argv[1:] if argv is None else argv),
               "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "threads": torch.get_num_threads(), "batch": args.batch, "feed": args.feed}

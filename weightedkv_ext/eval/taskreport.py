@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .caches import DISPLAY, POLICIES, default_recent
+from .caches import DISPLAY, POLICIES, default_recent, prompt_display, prompt_order
 from .tasks import wilson
 
 
@@ -50,11 +50,30 @@ def _columns(cells: list[dict]) -> list[tuple[str, int]]:
     return sorted({(c["dataset"], c["length"]) for c in cells}, key=lambda x: (x[0], x[1]))
 
 
-def _find(cells, dataset, length, policy, group):
+def _prompt_of(c: dict) -> str:
+    return c.get("prompt_mode") or "stream"
+
+
+def _find(cells, dataset, length, policy, group, prompt="stream"):
     for c in cells:
-        if (c["dataset"], c["length"], c["policy"], _group_of(c)) == (dataset, length, policy, group):
+        if (c["dataset"], c["length"], c["policy"], _group_of(c)) == (dataset, length, policy, group) \
+                and (policy == "full" or _prompt_of(c) == prompt):
             return c
     return None
+
+
+def _variants(cells, group=False) -> list[tuple[str, str]]:
+    """(policy, prompt mode) rows present (in ``group`` unless False), table order: each policy
+    with its prompt modes next to each other."""
+    modes = sorted({_prompt_of(c) for c in cells} | {"stream"}, key=prompt_order)
+    return [(p, m) for p in POLICIES for m in modes
+            if any(c["policy"] == p and (p != "full" or m == "stream") and
+                   (p == "full" or _prompt_of(c) == m) and
+                   (group is False or _group_of(c) == group) for c in cells)]
+
+
+def _display(policy: str, prompt: str) -> str:
+    return DISPLAY[policy] + (prompt_display(prompt) if policy != "full" else "")
 
 
 # -- retrieval ---------------------------------------------------------------------------------
@@ -97,11 +116,10 @@ def retrieval_markdown(data: dict) -> str:
     not_compared = set()
     groups = _groups(cells)
     for group in groups:
-        pols = [p for p in POLICIES if any(c["policy"] == p and _group_of(c) == group for c in cells)]
-        for i, p in enumerate(pols):
+        for i, (p, pm) in enumerate(_variants(cells, group)):
             row = []
             for col in cols:
-                c = _find(cells, *col, p, group)
+                c = _find(cells, *col, p, group, pm)
                 if c is None:
                     fa = full_accuracy(cells, *col)
                     if p != "full" and fa is not None and fa < min_full:
@@ -111,7 +129,7 @@ def retrieval_markdown(data: dict) -> str:
                         row.append("")
                     continue
                 row.append(_acc_cell(*counts(c)))
-            lines.append(f"| {_budget_label(group, groups) if i == 0 else ''} | {DISPLAY[p]} | "
+            lines.append(f"| {_budget_label(group, groups) if i == 0 else ''} | {_display(p, pm)} | "
                          + " | ".join(row) + " |")
     lines.append("")
     for d, n in cols:
@@ -130,16 +148,16 @@ def retrieval_markdown(data: dict) -> str:
               "| Budget | Policy | Length | " + " | ".join(f"{d:g}%" for d in depths) + " |",
               "|---|---|---|" + "---:|" * len(depths)]
     for group in groups:
-        for p in POLICIES:
+        for p, pm in _variants(cells, group):
             for col in cols:
-                c = _find(cells, *col, p, group)
+                c = _find(cells, *col, p, group, pm)
                 if c is None:
                     continue
                 row = []
                 for d in depths:
                     ok, n = counts(c, d)
                     row.append(f"{ok}/{n}" if n else "")
-                lines.append(f"| {_budget_label(group, groups)} | {DISPLAY[p]} | {col[0]} "
+                lines.append(f"| {_budget_label(group, groups)} | {_display(p, pm)} | {col[0]} "
                              f"{_len_label(col[1])} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -156,8 +174,8 @@ def plot_retrieval(data: dict, out: Path) -> list[Path]:
     task = data["task"]
     paths = []
     depths = depths_of(cells)
-    for p in POLICIES:
-        mine = [c for c in cells if c["policy"] == p]
+    for p, pm in _variants(cells):
+        mine = [c for c in cells if c["policy"] == p and (p == "full" or _prompt_of(c) == pm)]
         if not mine:
             continue
         groups = [g for g in _groups(mine)]
@@ -167,7 +185,7 @@ def plot_retrieval(data: dict, out: Path) -> list[Path]:
             cols = _columns([c for c in mine if _group_of(c) == g])
             grid = [[float("nan")] * len(cols) for _ in depths]
             for j, col in enumerate(cols):
-                c = _find(mine, *col, p, g)
+                c = _find(mine, *col, p, g, pm)
                 for i, d in enumerate(depths):
                     ok, n = counts(c, d)
                     if n:
@@ -181,8 +199,8 @@ def plot_retrieval(data: dict, out: Path) -> list[Path]:
             ax.set_title("full cache" if g is None else f"budget {_budget_label(g, groups)}",
                          fontsize=8)
         fig.colorbar(im, ax=axes[0].tolist(), label="accuracy", shrink=0.8)
-        fig.suptitle(f"{task}: {DISPLAY[p]}", fontsize=10)
-        path = out / f"{task}_heatmap_{p}.png"
+        fig.suptitle(f"{task}: {_display(p, pm)}", fontsize=10)
+        path = out / f"{task}_heatmap_{p}{'' if pm == 'stream' else '_' + pm}.png"
         fig.savefig(path, dpi=100, metadata={"Software": None})
         plt.close(fig)
         paths.append(path)
@@ -190,10 +208,10 @@ def plot_retrieval(data: dict, out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.4), squeeze=False)
     for ax, col in zip(axes[0], cols):
         here = [c for c in cells if (c["dataset"], c["length"]) == col]
-        for p in POLICIES:
-            mine = [c for c in here if c["policy"] == p]
+        for p, pm in _variants(here):
+            mine = [c for c in here if c["policy"] == p and (p == "full" or _prompt_of(c) == pm)]
             if p == "full":
-                if mine:
+                if mine and mine[0]["results"]:
                     ok, n = counts(mine[0])
                     ax.axhline(ok / n, color="black", ls="--", lw=1, label=DISPLAY[p])
                 continue
@@ -203,7 +221,9 @@ def plot_retrieval(data: dict, out: Path) -> list[Path]:
                 ys = [ok / n for _, ok, n in pts]
                 lo = [ok / n - wilson(ok, n)[0] for _, ok, n in pts]
                 hi = [wilson(ok, n)[1] - ok / n for _, ok, n in pts]
-                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=2, label=DISPLAY[p])
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o" if pm == "stream" else "s",
+                            ls="-" if pm == "stream" else "--", capsize=2,
+                            label=_display(p, pm))
         budgets = sorted({c["budget"] for c in here if c["policy"] != "full"})
         if budgets:
             ax.set_xscale("log", base=2)

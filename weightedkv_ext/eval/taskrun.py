@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .caches import DISPLAY, POLICIES
+from .caches import DISPLAY, POLICIES, prompt_display
 
 FORMAT = "weightedkv_ext.eval.tasks/1"
 
@@ -42,35 +42,41 @@ class Cell:
     budget: int | None = None
     sinks: int | None = None
     recent: int | None = None
+    prompt: str = "stream"  # caches.prompt_name: a PROMPT_VARIANTS key (+ "_p<pool>")
 
     @property
     def key(self) -> str:
         head = f"{self.task}/{self.dataset}/len{self.length}"
         if self.policy == "full":
             return f"{head}/full"
-        return f"{head}/{self.policy}/b{self.budget}/s{self.sinks}/r{self.recent}"
+        tail = "" if self.prompt == "stream" else f"/{self.prompt}"
+        return f"{head}/{self.policy}/b{self.budget}/s{self.sinks}/r{self.recent}{tail}"
 
     @property
     def label(self) -> str:
         b = "" if self.policy == "full" else f" b={self.budget}"
-        return f"{self.task} {self.dataset} L={self.length} {DISPLAY[self.policy]}{b}"
+        return (f"{self.task} {self.dataset} L={self.length} {DISPLAY[self.policy]}"
+                f"{prompt_display(self.prompt) if self.policy != 'full' else ''}{b}")
 
     def record(self) -> dict:
         return {"task": self.task, "dataset": self.dataset, "length": self.length,
                 "policy": self.policy, "budget": self.budget, "sinks": self.sinks,
-                "recent": self.recent}
+                "recent": self.recent, "prompt_mode": self.prompt}
 
 
-def plan(task: str, datasets: list[str], lengths, policies, budgets, sinks, recent_of) -> list[Cell]:
-    """Cells in run order: per dataset and length, the full cache first, then each budget."""
+def plan(task: str, datasets: list[str], lengths, policies, budgets, sinks, recent_of,
+         prompts=("stream",)) -> list[Cell]:
+    """Cells in run order: per dataset and length, the full cache first, then each budget and
+    prompt mode."""
     cells = []
     for ds in datasets:
         for length in lengths:
             if "full" in policies:
                 cells.append(Cell(task, ds, length, "full"))
             for b in budgets:
-                cells += [Cell(task, ds, length, p, b, sinks, recent_of(b))
-                          for p in policies if p != "full"]
+                for pm in prompts:
+                    cells += [Cell(task, ds, length, p, b, sinks, recent_of(b), pm)
+                              for p in policies if p != "full"]
     return cells
 
 
@@ -162,8 +168,16 @@ def shared_prefix(ids: torch.Tensor, multiple: int) -> int:
 @torch.inference_mode()
 def greedy(model, ids: torch.Tensor, cache, feed: int, new_tokens: int,
            chunk_size: int = 1) -> torch.Tensor:
-    """Prefill ``ids`` [B, L] through ``cache`` ``feed`` tokens per call, then greedy-decode
-    ``new_tokens`` tokens; returns them, int64 [B, new_tokens].
+    """Prefill ``ids`` through ``cache``, end its prompt, decode greedily (``prefill`` then
+    ``decode``); returns the new tokens, int64 [B, new_tokens]."""
+    logits = prefill(model, ids, cache, feed, chunk_size)
+    return decode(model, logits, cache, new_tokens)
+
+
+@torch.inference_mode()
+def prefill(model, ids: torch.Tensor, cache, feed: int, chunk_size: int = 1) -> torch.Tensor:
+    """Prefill ``ids`` [B, L] through ``cache`` ``feed`` tokens per call; returns the logits of
+    the last call (float [B, 1, V]). The prompt is not ended (``decode`` does that).
 
     A prefix common to all rows (e.g. the passkey filler before the needle) is run once, for one
     row, and the cache is then repeated over the batch (``Cache.batch_repeat_interleave``): the
@@ -183,6 +197,15 @@ def greedy(model, ids: torch.Tensor, cache, feed: int, new_tokens: int,
     for s in range(start, L, feed):
         logits = model(input_ids=ids[:, s:s + feed], **cache.as_kwargs(), use_cache=True,
                        logits_to_keep=1).logits
+    return logits
+
+
+@torch.inference_mode()
+def decode(model, logits: torch.Tensor, cache, new_tokens: int) -> torch.Tensor:
+    """End the prompt of ``cache`` (snapkv prompt mode: compress it once; a no-op when
+    streaming), then greedy-decode ``new_tokens`` tokens from the prefill's ``logits``."""
+    if hasattr(cache, "end_prompt"):
+        cache.end_prompt()
     out = [logits[:, -1].argmax(-1)]
     for _ in range(new_tokens - 1):
         logits = model(input_ids=out[-1][:, None], **cache.as_kwargs(), use_cache=True,
@@ -202,10 +225,42 @@ def full_gate(store: TaskStore, cell: Cell, min_full: float) -> tuple[bool, floa
     return acc >= min_full, acc
 
 
+def fork(src, make):
+    """A fresh cache ``make()`` holding a copy of ``src``'s prompt. ``src`` must be a snapkv
+    prompt-mode cache whose prompt is still held uncompressed (no prompt_budget): its state is then
+    exactly the full cache's, so the copy continues as ``make()``'s policy and prompt mode would
+    have after the same prefill (the full cache included)."""
+    from ..cache import WeightedKVLayer
+    from ..engine import KVEngine
+
+    dst = make()
+    for layer in src.layers:
+        new = WeightedKVLayer(dst, layer.layer_idx)
+        new.seen = layer.seen
+        new.columns = None if layer.columns is None else layer.columns.clone()
+        e, s = new.engine, layer.engine
+        for n in KVEngine._TENSORS:
+            setattr(e, n, getattr(s, n).clone())
+        e.seen, e.peak_block, e.window = s.seen, s.peak_block, s.window
+        e._window_fixed, e._prompt = s._window_fixed, s._prompt
+        dst.layers.append(new)
+    return dst
+
+
+def _shares_prefill(cell: Cell) -> bool:
+    return cell.policy == "full" or cell.prompt != "stream"
+
+
 def run_retrieval(model, tokenizer, generator, cells: list[Cell], store: TaskStore, make_cache, *,
                   depths, samples: int, batch: int, feed: int, min_full: float, chunk_size: int = 1,
                   progress: bool = True, run_record: dict) -> None:
-    """Evaluate the missing samples of ``cells`` (generator: a tasks.PasskeyTask / NiahTask)."""
+    """Evaluate the missing samples of ``cells`` (generator: a tasks.PasskeyTask / NiahTask).
+
+    Cells in a snapkv prompt mode hold the prompt uncompressed until its end, so their prefill is
+    the full cache's: per (dataset, length) the full cell and every snapkv cell share one prefill
+    per batch (``fork``), then each ends its prompt and decodes on its own. They run together,
+    so the full-cache gate does not apply to them (the report still marks lengths where the
+    full cache is below ``min_full``)."""
     from tqdm.auto import tqdm
 
     wanted = [(float(d), i) for d in depths for i in range(samples)]
@@ -214,12 +269,23 @@ def run_retrieval(model, tokenizer, generator, cells: list[Cell], store: TaskSto
         have = store.cells.get(cell.key, {}).get("results", {})
         return [(d, i) for d, i in wanted if sample_key(d, i) not in have]
 
+    if any(c.prompt != "stream" and c.policy != "full" for c in cells):
+        shared = [c for c in cells if _shares_prefill(c)]
+        for col in dict.fromkeys((c.dataset, c.length) for c in shared):
+            group = [c for c in shared if (c.dataset, c.length) == col]
+            if any(c.policy != "full" for c in group):
+                _run_shared(model, tokenizer, generator, group, store, make_cache, pending,
+                            batch=batch, feed=feed, chunk_size=chunk_size, progress=progress,
+                            run_record=run_record)
+        cells = [c for c in cells if not _shares_prefill(c)]
+
     total = sum(len(pending(c)) for c in cells)
     bar = tqdm(total=total, unit="prompt", dynamic_ncols=True, disable=not progress,
                mininterval=0.5 if sys.stderr.isatty() else 30)
     new_tokens = generator.max_new_tokens
     started = time.perf_counter()
-    run_record.update(samples_run=0, interrupted=True)
+    run_record.setdefault("samples_run", 0)
+    run_record["interrupted"] = True
     try:
         for cell in cells:
             todo = pending(cell)
@@ -256,6 +322,51 @@ def run_retrieval(model, tokenizer, generator, cells: list[Cell], store: TaskSto
     finally:
         bar.close()
         run_record["seconds"] = round(time.perf_counter() - started, 3)
+
+
+def _run_shared(model, tokenizer, generator, group, store, make_cache, pending, *, batch, feed,
+                chunk_size, progress, run_record) -> None:
+    """One prefill per batch of samples (a snapkv carrier), forked into every cell of ``group``."""
+    from tqdm.auto import tqdm
+
+    carrier_cell = next(c for c in group if c.policy != "full")
+    todo = list(dict.fromkeys(s for c in group for s in pending(c)))
+    bar = tqdm(total=len(todo), unit="prompt", dynamic_ncols=True, disable=not progress,
+               mininterval=0.5 if sys.stderr.isatty() else 30,
+               desc=f"{carrier_cell.task} L={carrier_cell.length} shared prefill x{len(group)}")
+    started = time.perf_counter()
+    run_record.setdefault("samples_run", 0)
+    for b in range(0, len(todo), batch):
+        part = todo[b:b + batch]
+        prompts = [generator.sample(group[0].length, d, i) for d, i in part]
+        ids = torch.tensor([p.ids for p in prompts], dtype=torch.long)
+        t0 = time.perf_counter()
+        carrier = make_cache(carrier_cell)
+        logits = prefill(model, ids, carrier, feed, chunk_size)
+        share = (time.perf_counter() - t0) / len(group)
+        for cell in group:
+            missing = set(pending(cell))
+            if not missing.intersection(part):
+                continue
+            t1 = time.perf_counter()
+            gen = decode(model, logits, fork(carrier, lambda: make_cache(cell)),
+                         generator.max_new_tokens)
+            rec = store.cell(cell)
+            rec["prefill"] = "shared"
+            rec["seconds"] = round(rec["seconds"] + share + time.perf_counter() - t1, 3)
+            for (d, i), p, g in zip(part, prompts, gen.tolist()):
+                if (d, i) in missing:
+                    text = tokenizer.decode(g, skip_special_tokens=True)
+                    rec["results"][sample_key(d, i)] = {
+                        "ok": exact(text, p.answer), "answer": p.answer, "output": text}
+            rec["complete"] = len(pending(cell)) == 0
+        run_record["samples_run"] += len(part)
+        run_record["seconds"] = round(run_record.get("seconds", 0.0)
+                                      + time.perf_counter() - started, 3)
+        started = time.perf_counter()
+        store.save()
+        bar.update(len(part))
+    bar.close()
 
 
 def exact(text: str, answer: str) -> bool:
