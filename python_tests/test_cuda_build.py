@@ -8,7 +8,7 @@ import torch
 
 from helpers import ROOT, compiled_ops
 
-OPS = ("append", "accumulate", "compress", "decode_attention", "block_attention")
+OPS = ("append", "accumulate", "compress", "decode_attention", "block_attention", "snap_compress")
 
 
 def sources_cmake() -> dict:
