@@ -78,20 +78,45 @@ WKV_CPU_INLINE void dots(const float* q, const float* const* k, int64_t D, float
     _Pragma("GCC unroll 8")
     for (int j = 0; j < NK; ++j) s[g][j] = v8f{0, 0, 0, 0, 0, 0, 0, 0};
   int64_t d = 0;
-  for (; d + 8 <= D; d += 8) {
-    v8f kv[NK];
-    _Pragma("GCC unroll 8")
-    for (int j = 0; j < NK; ++j) load8(kv[j], k[j] + d);
-    _Pragma("GCC unroll 8")
-    for (int g = 0; g < NG; ++g) {
-      v8f qv;
-      load8(qv, q + g * D + d);
+  if constexpr (NG == 4 && NK == 2) {
+    // The hot case, with named accumulators: GCC keeps an array of vectors in stack memory
+    // (every FMA would load and store it), named locals stay in registers. Same operations.
+    v8f s00 = s[0][0], s01 = s[0][1], s10 = s[1][0], s11 = s[1][1];
+    v8f s20 = s[2][0], s21 = s[2][1], s30 = s[3][0], s31 = s[3][1];
+    for (; d + 8 <= D; d += 8) {
+      v8f k0, k1, q0, q1, q2, q3;
+      load8(k0, k[0] + d);
+      load8(k1, k[1] + d);
+      load8(q0, q + d);
+      fma8<kFma>(s00, q0, k0);
+      fma8<kFma>(s01, q0, k1);
+      load8(q1, q + D + d);
+      fma8<kFma>(s10, q1, k0);
+      fma8<kFma>(s11, q1, k1);
+      load8(q2, q + 2 * D + d);
+      fma8<kFma>(s20, q2, k0);
+      fma8<kFma>(s21, q2, k1);
+      load8(q3, q + 3 * D + d);
+      fma8<kFma>(s30, q3, k0);
+      fma8<kFma>(s31, q3, k1);
+    }
+    s[0][0] = s00, s[0][1] = s01, s[1][0] = s10, s[1][1] = s11;
+    s[2][0] = s20, s[2][1] = s21, s[3][0] = s30, s[3][1] = s31;
+  } else {
+    for (; d + 8 <= D; d += 8) {
+      v8f kv[NK];
       _Pragma("GCC unroll 8")
-      for (int j = 0; j < NK; ++j) fma8<kFma>(s[g][j], qv, kv[j]);
+      for (int j = 0; j < NK; ++j) load8(kv[j], k[j] + d);
+      _Pragma("GCC unroll 8")
+      for (int g = 0; g < NG; ++g) {
+        v8f qv;
+        load8(qv, q + g * D + d);
+        _Pragma("GCC unroll 8")
+        for (int j = 0; j < NK; ++j) fma8<kFma>(s[g][j], qv, kv[j]);
+      }
     }
   }
-  // the D % 8 tail in its own scalar sums (lane access by a variable index would keep the vector
-  // sums in memory instead of registers)
+  // the D % 8 tail: scalar sums in order, added after the pairwise combination
   float tail[NG][NK] = {};
   for (; d < D; ++d)
     _Pragma("GCC unroll 8")
