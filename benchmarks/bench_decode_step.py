@@ -104,6 +104,60 @@ def attention_shapes(budgets, repeats, gen):
     return rows
 
 
+
+def compiled_main(args):
+    """``--compiled``: SmolLM2 decode tokens/s, ``torch.compile(model)`` vs eager, same run.
+
+    Two WeightedKVCache(budget) caches prefilled alike (eager), then decode steps of the eager
+    and the compiled model interleaved (after the compiled warm-up steps); prints the ratio and
+    how many graphs / graph breaks / recompiles dynamo reported.
+    """
+    from torch._dynamo.utils import counters
+    from weightedkv_ext import WeightedKVCache
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = _model.load()
+    context = args.context or (512 if args.quick else 1024)
+    steps = args.steps or (8 if args.quick else 16)
+    budget = args.budgets[0]
+    ids = _model.token_ids(tok, context, 1)
+    caches = [WeightedKVCache(budget) for _ in range(2)]
+    nxt = [_model.prefill(model, ids, c) for c in caches]
+    compiled = torch.compile(model, backend=args.backend)
+    t0 = time.perf_counter()
+    for _ in range(3):  # compile + warm-up (recompiles, if any, show here)
+        nxt[1] = _model.step(compiled, nxt[1], caches[1])
+    compile_s = time.perf_counter() - t0
+    for _ in range(2):
+        nxt[0] = _model.step(model, nxt[0], caches[0])
+
+    def run(i, m):
+        def f():
+            t = time.perf_counter()
+            nxt[i] = _model.step(m, nxt[i], caches[i])
+            return time.perf_counter() - t
+        return f
+
+    r = interleaved({"eager": run(0, model), "compiled": run(1, compiled)}, steps, warmup=0)
+    te, tc = r["eager"]["median_s"], r["compiled"]["median_s"]
+    stats = {k: dict(v) for k, v in counters.items() if k in ("stats", "graph_break", "recompiles")}
+    info = machine()
+    row = [context, budget, args.backend, f"{compile_s:.1f} s", f"{1 / te:.1f}", f"{1 / tc:.1f}",
+           f"**{te / tc:.2f}x**", len(counters["graph_break"]),
+           counters["stats"].get("unique_graphs", 0)]
+    print(f"compiled decode: context {context}, budget {budget}, backend {args.backend}: eager "
+          f"{1 / te:.1f} tok/s, compiled {1 / tc:.1f} tok/s ({te / tc:.2f}x); compile+warm-up "
+          f"{compile_s:.1f} s; dynamo {stats}", flush=True)
+    md = ["## SmolLM2 decode, torch.compile(model) vs eager (WeightedKVCache)", "",
+          f"Batch 1, medians of {steps} interleaved steps after 3 compiled warm-up steps.", "",
+          md_table(["context", "budget", "backend", "compile + warm-up", "eager tok/s",
+                    "compiled tok/s", "compiled / eager", "graph breaks", "graphs"], [row])]
+    j, m = write(args.out + "_compiled", {"machine": info, "eager_s": te, "compiled_s": tc,
+                                          "compile_s": compile_s, "dynamo": stats,
+                                          "context": context, "budget": budget,
+                                          "backend": args.backend}, "\n".join(md))
+    print(f"# wrote {j} and {m}")
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="context 1280, 6 steps")
@@ -112,7 +166,14 @@ def main():
     ap.add_argument("--budgets", type=int, nargs="+", default=[256, 1024])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="bench_decode_step")
+    ap.add_argument("--compiled", action="store_true",
+                    help="only: decode tokens/s of torch.compile(model) vs eager (budget: the "
+                         "first of --budgets; context default 1024)")
+    ap.add_argument("--backend", default="inductor", help="torch.compile backend for --compiled")
     args = ap.parse_args()
+    if args.compiled:
+        compiled_main(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     context = args.context or (1280 if args.quick else 2048)

@@ -316,6 +316,8 @@ def bench_block(B: int, budget: int, Q: int, dtype: torch.dtype, repeats: int):
 
 def block_main(args, info):
     B, budget = (2, 1024) if args.quick else (8, 4096)
+    if args.block_shape:
+        B, budget = args.block_shape
     repeats = args.repeats or (3 if args.quick else 5)
     rows, js = [], []
     for dtype in (torch.float32, torch.bfloat16):
@@ -355,6 +357,8 @@ def main():
                          "--block-only)")
     ap.add_argument("--block-only", action="store_true",
                     help="only the chunk-step comparison of block_attention vs today's path")
+    ap.add_argument("--block-shape", type=int, nargs=2, metavar=("BATCH", "BUDGET"), default=None,
+                    help="batch and budget of the chunk-step comparison (default 8 4096; quick 2 1024)")
     ap.add_argument("--_block-mem", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._block_mem:

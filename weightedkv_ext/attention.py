@@ -139,8 +139,14 @@ def weightedkv_attention_forward(module: torch.nn.Module | None, query: torch.Te
         if module is not None:
             # Tensor parallelism: this rank's KV head h is the model's head head_offset + h
             # (CaM's draw is keyed by it); 0 without TP. Refuses heads that are not whole groups.
-            layer.engine.head_offset = distributed.kv_head_offset(module, query.shape[1],
-                                                                  key.shape[1])
+            # Cached on the module: distributed's WeakKeyDictionary cache is unsafe to guard on
+            # under torch.compile (its keys change as other modules are collected).
+            heads = (query.shape[1], key.shape[1])
+            offsets = getattr(module, "_wkv_kv_head_offsets", None)
+            if offsets is None or heads not in offsets:
+                offsets = {**(offsets or {}), heads: distributed.kv_head_offset(module, *heads)}
+                module._wkv_kv_head_offsets = offsets
+            layer.engine.head_offset = offsets[heads]
     except Exception:
         layer.pending = False
         layer.seen -= key.shape[2]  # undo update()

@@ -385,7 +385,10 @@ class KVEngine:
     def _own_tensors(self) -> None:
         """Make the state writable in the current mode: tensors created under inference_mode
         cannot be written outside it, so they are copied once (as normal tensors) when needed."""
-        if not self.is_initialized or torch.is_inference_mode_enabled():
+        if not self.is_initialized or torch.compiler.is_compiling() \
+                or torch.is_inference_mode_enabled():
+            # torch.compile cannot query inference mode (a graph break): a compiled step uses the
+            # state as it is, so it must run in the mode the cache was filled in (or both outside).
             return
         for n in self._TENSORS:
             t = getattr(self, n)

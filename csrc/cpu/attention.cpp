@@ -1,16 +1,21 @@
 // attention.cpp: CPU implementation of weightedkv::decode_attention and
 // weightedkv::block_attention (docs/design.md); decode_attention is the case Q = 1.
-// Per (b, h), for each query q in increasing order, the G query heads of KV head h attend over the
-// visible held slots (slot_pos <= query_pos, inside the window if any; slot order):
-//   visible_slots -> query_logits (scale * <q, k>, G heads per key load) -> softmax_rows
-//   (soft-cap, max-subtracted exp, optional sink logit in the normaliser) -> weighted_values
-//   (out = sum_c p_c v_c in float32, rounded once) -> the per-slot statistics of accumulate.
-// Nothing of size [Q, C] is stored: one query's G x (visible slots) probabilities live in a
-// per-thread scratch row, the statistics in per-slot float32 sums added to scores once per (b, h)
+// Per (b, h), the queries are taken in tiles of up to kTileRows query rows (queries x the G
+// query heads of KV head h); for each tile:
+//   visible_slots (the union of the slots its queries see, slot order) -> query_logits (scale *
+//   <q, k>: each key row loaded once per tile, dotted with 4 rows x 2 keys per pass) ->
+//   softmax_rows (per row over the slots its query sees: soft-cap, max-subtracted exp, optional
+//   sink logit in the normaliser) -> weighted_values (out = sum_c p_c v_c in float32, each value
+//   row loaded once per tile, rounded once) -> the per-slot statistics of accumulate.
+// Nothing of size [Q, C] is stored: a tile's rows x (union slots) probabilities live in a
+// per-thread scratch block, the statistics in per-slot float32 sums added to scores once per (b, h)
 // exactly as accumulate adds its sums (so the statistics equal accumulate's on these
-// probabilities bit for bit). Each (b, h) is one task in a fixed order: results do not depend on
-// the thread count. The row loop is also compiled for AVX2 (picked at run time, isa.h): same
-// operations in the same order, no FMA contraction, hence the same results bit for bit.
+// probabilities bit for bit). Every per-row result is computed by the same sequence of float
+// operations whatever the tile (a row only ever uses the slots its query sees, in slot order), so
+// block_attention with Q = 1 equals decode_attention bit for bit. Each (b, h) is one task in a
+// fixed order: results do not depend on the thread count. The loops are also compiled for AVX2
+// (picked at run time, isa.h): same operations in the same order, no FMA contraction, hence the
+// same results bit for bit.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -42,34 +47,86 @@ typedef float v8f __attribute__((vector_size(32)));
 WKV_CPU_INLINE void load8(v8f& v, const float* p) { __builtin_memcpy(&v, p, sizeof(v)); }
 WKV_CPU_INLINE void store8(float* p, const v8f& v) { __builtin_memcpy(p, &v, sizeof(v)); }
 
+// acc = fma(a, b, acc) lane by lane (one rounding each). kFma: the AVX2+FMA build (one vfmadd);
+// otherwise the baseline build calls fmaf per lane, which rounds the same way (slow, only for
+// CPUs without AVX2/FMA). Every function below that multiplies and adds takes kFma.
+template <bool kFma>
+WKV_CPU_INLINE void fma8(v8f& acc, const v8f& a, const v8f& b) {
+#if WKV_HAVE_AVX2_PATH
+  if constexpr (kFma) {  // only ever inlined into the avx2,fma wrapper (target checks skip asm)
+    asm("vfmadd231ps %2, %1, %0" : "+x"(acc) : "x"(a), "x"(b));
+    return;
+  }
+#endif
+  for (int l = 0; l < 8; ++l) acc[l] = __builtin_fmaf(a[l], b[l], acc[l]);
+}
+
 WKV_CPU_INLINE float combine8(const v8f& s) {
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
 // Dot products of NG query rows (q, row stride D) with NK key rows, each the same sum as
-//   s[l] += a[d + l] * b[d + l] over blocks of 8 (then the tail into s[0..]), combined pairwise:
+//   s[l] = fma(a[d + l], b[d + l], s[l]) over blocks of 8, combined pairwise, plus the D % 8 tail
+//   summed in order:
 // the NG x NK sums are independent chains computed side by side (latency hiding only).
-template <int NG, int NK>
+template <bool kFma, int NG, int NK>
 WKV_CPU_INLINE void dots(const float* q, const float* const* k, int64_t D, float scale,
                          float* out, int64_t out_g_stride) {
   v8f s[NG][NK];
+  _Pragma("GCC unroll 8")
   for (int g = 0; g < NG; ++g)
+    _Pragma("GCC unroll 8")
     for (int j = 0; j < NK; ++j) s[g][j] = v8f{0, 0, 0, 0, 0, 0, 0, 0};
   int64_t d = 0;
-  for (; d + 8 <= D; d += 8) {
-    v8f kv[NK];
-    for (int j = 0; j < NK; ++j) load8(kv[j], k[j] + d);
-    for (int g = 0; g < NG; ++g) {
-      v8f qv;
-      load8(qv, q + g * D + d);
-      for (int j = 0; j < NK; ++j) s[g][j] += qv * kv[j];
+  if constexpr (NG == 4 && NK == 2) {
+    // The hot case, with named accumulators: GCC keeps an array of vectors in stack memory
+    // (every FMA would load and store it), named locals stay in registers. Same operations.
+    v8f s00 = s[0][0], s01 = s[0][1], s10 = s[1][0], s11 = s[1][1];
+    v8f s20 = s[2][0], s21 = s[2][1], s30 = s[3][0], s31 = s[3][1];
+    for (; d + 8 <= D; d += 8) {
+      v8f k0, k1, q0, q1, q2, q3;
+      load8(k0, k[0] + d);
+      load8(k1, k[1] + d);
+      load8(q0, q + d);
+      fma8<kFma>(s00, q0, k0);
+      fma8<kFma>(s01, q0, k1);
+      load8(q1, q + D + d);
+      fma8<kFma>(s10, q1, k0);
+      fma8<kFma>(s11, q1, k1);
+      load8(q2, q + 2 * D + d);
+      fma8<kFma>(s20, q2, k0);
+      fma8<kFma>(s21, q2, k1);
+      load8(q3, q + 3 * D + d);
+      fma8<kFma>(s30, q3, k0);
+      fma8<kFma>(s31, q3, k1);
+    }
+    s[0][0] = s00, s[0][1] = s01, s[1][0] = s10, s[1][1] = s11;
+    s[2][0] = s20, s[2][1] = s21, s[3][0] = s30, s[3][1] = s31;
+  } else {
+    for (; d + 8 <= D; d += 8) {
+      v8f kv[NK];
+      _Pragma("GCC unroll 8")
+      for (int j = 0; j < NK; ++j) load8(kv[j], k[j] + d);
+      _Pragma("GCC unroll 8")
+      for (int g = 0; g < NG; ++g) {
+        v8f qv;
+        load8(qv, q + g * D + d);
+        _Pragma("GCC unroll 8")
+        for (int j = 0; j < NK; ++j) fma8<kFma>(s[g][j], qv, kv[j]);
+      }
     }
   }
-  for (int l = 0; d < D; ++d, ++l)
+  // the D % 8 tail: scalar sums in order, added after the pairwise combination
+  float tail[NG][NK] = {};
+  for (; d < D; ++d)
+    _Pragma("GCC unroll 8")
     for (int g = 0; g < NG; ++g)
-      for (int j = 0; j < NK; ++j) s[g][j][l] += q[g * D + d] * k[j][d];
+      _Pragma("GCC unroll 8")
+      for (int j = 0; j < NK; ++j) tail[g][j] = __builtin_fmaf(q[g * D + d], k[j][d], tail[g][j]);
+  _Pragma("GCC unroll 8")
   for (int g = 0; g < NG; ++g)
-    for (int j = 0; j < NK; ++j) out[g * out_g_stride + j] = combine8(s[g][j]) * scale;
+    _Pragma("GCC unroll 8")
+    for (int j = 0; j < NK; ++j) out[g * out_g_stride + j] = (combine8(s[g][j]) + tail[g][j]) * scale;
 }
 
 // Prefetches one row of `bytes` bytes (slots are scattered, so the hardware prefetcher cannot
@@ -79,28 +136,9 @@ WKV_CPU_INLINE void prefetch_row(const void* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o);
 }
 
-// logits[g * n + i] = scale * <q_g, k_i> for query heads g0 .. g0 + NG - 1.
-template <int NG, class KeyRow, class Prefetch>
-WKV_CPU_INLINE void qk_rows(const float* q, int64_t D, int64_t n, float scale, KeyRow key_row,
-                            Prefetch prefetch, float* logits) {
-  int64_t i = 0;
-  for (; i + 2 <= n; i += 2) {
-    if (i + 5 < n) {
-      prefetch(i + 4);
-      prefetch(i + 5);
-    }
-    const float* k[2] = {key_row(i, 0), key_row(i + 1, 1)};
-    dots<NG, 2>(q, k, D, scale, logits + i, n);
-  }
-  for (; i < n; ++i) {
-    const float* k[1] = {key_row(i, 0)};
-    dots<NG, 1>(q, k, D, scale, logits + i, n);
-  }
-}
-
 // acc[d] += w_i * v_i[d] for the rows i in increasing order (each element: the same sequence of
 // roundings as one row at a time), NK rows per pass to keep acc in registers.
-template <int NK>
+template <bool kFma, int NK>
 WKV_CPU_INLINE void axpy_rows(float* acc, const float* const* v, const float* w, int64_t D) {
   int64_t d = 0;
   for (; d + 8 <= D; d += 8) {
@@ -108,13 +146,14 @@ WKV_CPU_INLINE void axpy_rows(float* acc, const float* const* v, const float* w,
     load8(a, acc + d);
     for (int j = 0; j < NK; ++j) {
       load8(x, v[j] + d);
-      a = a + w[j] * x;
+      const v8f wj = v8f{} + w[j];
+      fma8<kFma>(a, wj, x);
     }
     store8(acc + d, a);
   }
   for (; d < D; ++d) {
     float a = acc[d];
-    for (int j = 0; j < NK; ++j) a = a + w[j] * v[j][d];
+    for (int j = 0; j < NK; ++j) a = __builtin_fmaf(w[j], v[j][d], a);
     acc[d] = a;
   }
 }
@@ -134,86 +173,162 @@ WKV_CPU_INLINE const float* row_f32(const T* src, int64_t stride, int64_t D, flo
   return dst;
 }
 
-// Per-thread scratch, reused across calls (no allocation once warm). Sizes: O(G*D + C).
+// Per-thread scratch, reused across calls (no allocation once warm). Sizes: O(R*D + R*C + C),
+// R = rows of a query tile (at most kTileRows query heads x queries, at least G).
 struct Scratch {
   std::vector<float> qf, acc, row, logits, sum, plast;
-  std::vector<int64_t> seen, cnt;
+  std::vector<int64_t> seen, spos, cnt, qpos;
+  std::vector<uint8_t> live;  // per tile row: its query sees at least one slot
 };
-constexpr int kRows = 4;  // key/value rows per pass of weighted_values
+constexpr int kRows = 4;          // key/value rows per pass of weighted_values
+constexpr int64_t kTileRows = 64;  // query rows (queries x G heads) sharing each key/value load
 
-// Phase 1: the slots query position qp sees, in slot order, into seen[0..n); counts every causal
-// held slot in cnt (accumulate's "sees": a causal slot outside the window is seen with p = 0).
-WKV_CPU_INLINE int64_t visible_slots(const AttentionParams& p, const int64_t* pos, int64_t qp,
-                                     Scratch& s) {
+// A tile of queries q0 .. q0 + nq - 1 of one (b, h): row r = qi * G + g is query head g of
+// query q0 + qi. The tile works on the union of the slots its queries see (seen[0..n), in slot
+// order, with their positions spos); each row uses only the slots its own query sees, in that
+// order, so every per-row result is the one a tile of one query (decode) gives, bit for bit.
+struct Tile {
+  int64_t q0, nq, n;
+  bool all_visible;  // every row sees every union slot (a single query): no per-slot checks
+};
+
+WKV_CPU_INLINE bool row_sees(const AttentionParams& p, const Tile& t, const Scratch& s,
+                             int64_t qi, int64_t i) {
+  return t.all_visible || slot_visible(s.spos[i], s.qpos[qi], p.window);
+}
+
+// Phase 1: counts every causal held slot of each valid query in cnt (accumulate's "sees": a
+// causal slot outside the window is seen with p = 0); the union of the visible slots into seen.
+WKV_CPU_INLINE void visible_slots(const AttentionParams& p, const int64_t* pos, Tile& t,
+                                  Scratch& s) {
   int64_t n = 0;
   for (int64_t c = 0; c < p.C; ++c) {
     const int64_t sp = pos[c * p.pos_st.s2];
-    if (!slot_causal(sp, qp)) continue;
-    s.cnt[c] += 1;
-    if (slot_visible(sp, qp, p.window)) s.seen[n++] = c;
+    bool any = false;
+    for (int64_t qi = 0; qi < t.nq; ++qi) {
+      const int64_t qp = s.qpos[qi];
+      if (qp < 0 || !slot_causal(sp, qp)) continue;
+      s.cnt[c] += 1;
+      any = any || slot_visible(sp, qp, p.window);
+    }
+    if (any) {
+      s.spos[n] = sp;
+      s.seen[n++] = c;
+    }
   }
-  return n;
+  t.n = n;
 }
 
-// Phase 2: logits[g * n + i] = scale * <q_g, k_seen[i]> for the G query heads of (b, h, q).
-template <class T>
-WKV_CPU_INLINE void query_logits(const AttentionParams& p, int64_t b, int64_t h, int64_t q,
-                                 int64_t n, Scratch& s) {
-  const int64_t G = p.G, D = p.D;
+// logits[r * n] = scale * <q_r, k_j> (j < NK) for the R rows of q, 4 rows per pass. Not a lambda:
+// a lambda is a function of its own, compiled for the baseline ISA even inside an AVX2 wrapper.
+template <bool kFma, int NK>
+WKV_CPU_INLINE void all_rows_dots(const float* q, int64_t R, const float* const* k, int64_t D,
+                                  float scale, float* logits, int64_t n) {
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) dots<kFma, 4, NK>(q + r * D, k, D, scale, logits + r * n, n);
+  const int64_t rest = R - r;
+  if (rest == 3) dots<kFma, 3, NK>(q + r * D, k, D, scale, logits + r * n, n);
+  else if (rest == 2) dots<kFma, 2, NK>(q + r * D, k, D, scale, logits + r * n, n);
+  else if (rest == 1) dots<kFma, 1, NK>(q + r * D, k, D, scale, logits + r * n, n);
+}
+
+// Phase 2: logits[r * n + i] = scale * <q_r, k_seen[i]> for the rows of the tile (every union
+// slot, visible to the row or not: the masked ones are never read). Each key row is loaded once
+// per tile and dotted with groups of 4 rows.
+template <bool kFma, class T>
+WKV_CPU_INLINE void query_logits(const AttentionParams& p, int64_t b, int64_t h, const Tile& t,
+                                 Scratch& s) {
+  const int64_t G = p.G, D = p.D, R = t.nq * G, n = t.n;
   const T* query = static_cast<const T*>(p.query);
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t d = 0; d < D; ++d)
-      s.qf[g * D + d] = to_float(query[off(p.query_st, b, h * G + g, q, d)]);
+  for (int64_t qi = 0; qi < t.nq; ++qi)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t d = 0; d < D; ++d)
+        s.qf[(qi * G + g) * D + d] = to_float(query[off(p.query_st, b, h * G + g, t.q0 + qi, d)]);
   const T* kbase = static_cast<const T*>(p.keys) + off(p.keys_st, b, h, 0, 0);
   const int64_t* seen = s.seen.data();
   float* row = s.row.data();
+  float* logits = s.logits.data();
+  const float* qf = s.qf.data();
   auto key_row = [&](int64_t i, int j) {
     return row_f32(kbase + seen[i] * p.keys_st.s2, p.keys_st.s3, D, row + j * D);
   };
   const int64_t kbytes = p.keys_st.s3 == 1 ? D * int64_t(sizeof(T)) : 64;
   auto key_prefetch = [&](int64_t i) { prefetch_row(kbase + seen[i] * p.keys_st.s2, kbytes); };
-  for (int64_t g = 0; g < G;) {
-    const int64_t ng = std::min<int64_t>(4, G - g);
-    float* lg = &s.logits[g * n];
-    const float* qg = &s.qf[g * D];
-    if (ng == 4) qk_rows<4>(qg, D, n, p.scale, key_row, key_prefetch, lg);
-    else if (ng == 3) qk_rows<3>(qg, D, n, p.scale, key_row, key_prefetch, lg);
-    else if (ng == 2) qk_rows<2>(qg, D, n, p.scale, key_row, key_prefetch, lg);
-    else qk_rows<1>(qg, D, n, p.scale, key_row, key_prefetch, lg);
-    g += ng;
-  }
-}
-
-// Phase 3: per query head, in place: soft-cap, then p = exp(l - m) / Z with m the max logit and
-// Z = sum exp(l - m), both including the head's sink logit when there is one.
-WKV_CPU_INLINE void softmax_rows(const AttentionParams& p, int64_t h, int64_t n, float* logits) {
-  for (int64_t g = 0; g < p.G; ++g) {
-    float* l = &logits[g * n];
-    if (p.softcap > 0.0f)
-      for (int64_t i = 0; i < n; ++i) l[i] = soft_cap(l[i], p.softcap);
-    float mx = l[0];
-    for (int64_t i = 1; i < n; ++i) mx = (l[i] > mx || mx != mx) ? l[i] : mx;  // fmax
-    const float sink = p.sinks ? p.sinks[off(p.sinks_st, h * p.G + g)] : 0.0f;
-    if (p.sinks) mx = (sink > mx || mx != mx) ? sink : mx;
-    float sum = 0.0f;
-    for (int64_t i = 0; i < n; ++i) {
-      l[i] = std::exp(l[i] - mx);
-      sum += l[i];
+  int64_t i = 0;
+  for (; i + 2 <= n; i += 2) {
+    if (i + 5 < n) {
+      key_prefetch(i + 4);
+      key_prefetch(i + 5);
     }
-    if (p.sinks) sum += std::exp(sink - mx);
-    for (int64_t i = 0; i < n; ++i) l[i] = l[i] / sum;
+    const float* k[2] = {key_row(i, 0), key_row(i + 1, 1)};
+    all_rows_dots<kFma, 2>(qf, R, k, D, p.scale, logits + i, n);
+  }
+  for (; i < n; ++i) {
+    const float* k[1] = {key_row(i, 0)};
+    all_rows_dots<kFma, 1>(qf, R, k, D, p.scale, logits + i, n);
   }
 }
 
-// Phase 4: acc[g * D + d] = sum_i p[g][i] v_seen[i][d] in increasing i.
-template <class T>
-WKV_CPU_INLINE void weighted_values(const AttentionParams& p, int64_t b, int64_t h, int64_t n,
-                                    Scratch& s) {
-  const int64_t G = p.G, D = p.D;
-  std::fill(s.acc.begin(), s.acc.end(), 0.0f);
+// Phase 3: per row, in place over the slots it sees: soft-cap, then p = exp(l - m) / Z with m
+// the max logit and Z = sum exp(l - m), both including the head's sink logit when there is one.
+// live[r] = whether the row sees any slot.
+WKV_CPU_INLINE void softmax_rows(const AttentionParams& p, int64_t h, const Tile& t, Scratch& s) {
+  const int64_t n = t.n;
+  for (int64_t qi = 0; qi < t.nq; ++qi) {
+    for (int64_t g = 0; g < p.G; ++g) {
+      const int64_t r = qi * p.G + g;
+      float* l = &s.logits[r * n];
+      s.live[r] = 0;
+      if (s.qpos[qi] < 0) continue;
+      float mx = 0.0f;
+      bool first = true;
+      for (int64_t i = 0; i < n; ++i) {
+        if (!row_sees(p, t, s, qi, i)) continue;
+        if (p.softcap > 0.0f) l[i] = soft_cap(l[i], p.softcap);
+        if (first) mx = l[i];
+        else mx = (l[i] > mx || mx != mx) ? l[i] : mx;  // fmax
+        first = false;
+      }
+      if (first) continue;  // sees nothing
+      s.live[r] = 1;
+      const float sink = p.sinks ? p.sinks[off(p.sinks_st, h * p.G + g)] : 0.0f;
+      if (p.sinks) mx = (sink > mx || mx != mx) ? sink : mx;
+      float sum = 0.0f;
+      for (int64_t i = 0; i < n; ++i) {
+        if (!row_sees(p, t, s, qi, i)) continue;
+        l[i] = std::exp(l[i] - mx);
+        sum += l[i];
+      }
+      if (p.sinks) sum += std::exp(sink - mx);
+      for (int64_t i = 0; i < n; ++i)
+        if (row_sees(p, t, s, qi, i)) l[i] = l[i] / sum;
+    }
+  }
+}
+
+// acc[r] += sum_j p[r][i + j] v[j] for the live rows r of tile query qi.
+template <bool kFma, int NK>
+WKV_CPU_INLINE void query_axpy(const AttentionParams& p, Scratch& s, int64_t qi,
+                               const float* const* v, int64_t i, int64_t n) {
+  for (int64_t g = 0; g < p.G; ++g) {
+    const int64_t r = qi * p.G + g;
+    if (!s.live[r]) continue;
+    float w[NK];
+    for (int j = 0; j < NK; ++j) w[j] = s.logits[r * n + i + j];
+    axpy_rows<kFma, NK>(&s.acc[r * p.D], v, w, p.D);
+  }
+}
+
+// Phase 4: acc[r * D + d] = sum_i p[r][i] v_seen[i][d] over the slots row r sees, in increasing
+// i (the same sequence of roundings per element whatever the grouping: kRows value rows per pass
+// when the row sees all of them, else one at a time).
+template <bool kFma, class T>
+WKV_CPU_INLINE void weighted_values(const AttentionParams& p, int64_t b, int64_t h,
+                                    const Tile& t, Scratch& s) {
+  const int64_t G = p.G, D = p.D, n = t.n;
+  std::fill(s.acc.begin(), s.acc.begin() + t.nq * G * D, 0.0f);
   const T* vbase = static_cast<const T*>(p.values) + off(p.values_st, b, h, 0, 0);
   const int64_t* seen = s.seen.data();
-  const float* logits = s.logits.data();
   float* row = s.row.data();
   const int64_t vbytes = p.values_st.s3 == 1 ? D * int64_t(sizeof(T)) : 64;
   int64_t i = 0;
@@ -224,19 +339,34 @@ WKV_CPU_INLINE void weighted_values(const AttentionParams& p, int64_t b, int64_t
     const float* v[kRows];
     for (int j = 0; j < kRows; ++j)
       v[j] = row_f32(vbase + seen[i + j] * p.values_st.s2, p.values_st.s3, D, row + j * D);
-    for (int64_t g = 0; g < G; ++g) {
-      float w[kRows];
-      for (int j = 0; j < kRows; ++j) w[j] = logits[g * n + i + j];
-      axpy_rows<kRows>(&s.acc[g * D], v, w, D);
+    int64_t lo = s.spos[i], hi = s.spos[i];
+    for (int j = 1; j < kRows; ++j) {
+      lo = std::min(lo, s.spos[i + j]);
+      hi = std::max(hi, s.spos[i + j]);
+    }
+    for (int64_t qi = 0; qi < t.nq; ++qi) {
+      const int64_t qp = s.qpos[qi];
+      if (qp < 0) continue;
+      if (t.all_visible || (hi <= qp && (p.window <= 0 || qp - lo < p.window))) {
+        query_axpy<kFma, kRows>(p, s, qi, v, i, n);
+      } else {
+        for (int j = 0; j < kRows; ++j) {
+          if (!row_sees(p, t, s, qi, i + j)) continue;
+          const float* v1[1] = {v[j]};
+          query_axpy<kFma, 1>(p, s, qi, v1, i + j, n);
+        }
+      }
     }
   }
   for (; i < n; ++i) {
     const float* v[1] = {row_f32(vbase + seen[i] * p.values_st.s2, p.values_st.s3, D, row)};
-    for (int64_t g = 0; g < G; ++g) axpy_rows<1>(&s.acc[g * D], v, &logits[g * n + i], D);
+    for (int64_t qi = 0; qi < t.nq; ++qi)
+      if (s.qpos[qi] >= 0 && row_sees(p, t, s, qi, i))
+        query_axpy<kFma, 1>(p, s, qi, v, i, n);
   }
 }
 
-// out[b, h*G + g, q, :] = acc[g] (zero: zeros), rounded once to T.
+// out[b, h*G + g, q, :] = acc[row] (zero: zeros), rounded once to T.
 template <class T>
 WKV_CPU_INLINE void write_out(const AttentionParams& p, int64_t b, int64_t h, int64_t q,
                               const float* acc, bool zero) {
@@ -248,15 +378,20 @@ WKV_CPU_INLINE void write_out(const AttentionParams& p, int64_t b, int64_t h, in
   }
 }
 
-template <class T>
+template <bool kFma, class T>
 WKV_CPU_INLINE void attention_rows(const AttentionParams& p, int64_t begin, int64_t end) {
   const int64_t G = p.G, C = p.C, D = p.D;
+  const int64_t tq = std::max<int64_t>(1, kTileRows / G);  // queries per tile
+  const int64_t R = std::min<int64_t>(tq, p.Q) * G;
   thread_local Scratch s;
-  s.qf.resize(G * D);
-  s.acc.resize(G * D);
+  s.qf.resize(R * D);
+  s.acc.resize(R * D);
   s.row.resize(kRows * D);
-  s.logits.resize(G * C);
+  s.logits.resize(R * C);
+  s.live.resize(R);
+  s.qpos.resize(tq);
   s.seen.resize(C);
+  s.spos.resize(C);
   s.sum.resize(C);
   s.plast.resize(C);
   s.cnt.resize(C);
@@ -269,28 +404,37 @@ WKV_CPU_INLINE void attention_rows(const AttentionParams& p, int64_t begin, int6
     std::fill(s.sum.begin(), s.sum.end(), 0.0f);
     std::fill(s.plast.begin(), s.plast.end(), 0.0f);
     std::fill(s.cnt.begin(), s.cnt.end(), 0);
-    for (int64_t q = 0; q < p.Q; ++q) {
-      const int64_t qp = p.query_pos[off(p.query_pos_st, b, q)];
-      if (qp < 0) {  // padding query: zeros, no statistics
-        write_out<T>(p, b, h, q, nullptr, true);
-        continue;
+    for (int64_t q0 = 0; q0 < p.Q; q0 += tq) {
+      Tile t{q0, std::min(tq, p.Q - q0), 0, false};
+      bool any_valid = false;
+      for (int64_t qi = 0; qi < t.nq; ++qi) {
+        s.qpos[qi] = p.query_pos[off(p.query_pos_st, b, q0 + qi)];
+        any_valid = any_valid || s.qpos[qi] >= 0;
       }
-      const int64_t n = visible_slots(p, pos, qp, s);
-      if (n == 0) {  // sees nothing: zeros (its probabilities are all 0)
-        write_out<T>(p, b, h, q, nullptr, true);
-        continue;
+      t.all_visible = t.nq == 1;
+      if (any_valid) visible_slots(p, pos, t, s);
+      if (t.n > 0) {
+        query_logits<kFma, T>(p, b, h, t, s);
+        softmax_rows(p, h, t, s);
+        weighted_values<kFma, T>(p, b, h, t, s);
+      } else {
+        std::fill(s.live.begin(), s.live.end(), 0);
       }
-      query_logits<T>(p, b, h, q, n, s);
-      softmax_rows(p, h, n, s.logits.data());
-      weighted_values<T>(p, b, h, n, s);
-      write_out<T>(p, b, h, q, s.acc.data(), false);
-      // statistics: the group reduction of the probabilities, summed in query order
-      for (int64_t i = 0; i < n; ++i) {
-        float red = reduce_init(p.reduce, s.logits[i]);
-        for (int64_t g = 1; g < G; ++g) red = reduce_step(p.reduce, red, s.logits[g * n + i]);
-        red = reduce_finish(p.reduce, red, static_cast<int>(G));
-        s.sum[s.seen[i]] += red;
-        if (q == q_star) s.plast[s.seen[i]] = red;
+      for (int64_t qi = 0; qi < t.nq; ++qi) {
+        // a padding query or one that sees nothing: zeros (its probabilities are all 0)
+        const bool live = s.live[qi * G] != 0;
+        write_out<T>(p, b, h, q0 + qi, live ? &s.acc[qi * G * D] : nullptr, !live);
+        if (!live) continue;
+        // statistics: the group reduction of the probabilities, summed in query order
+        const float* l = &s.logits[qi * G * t.n];
+        for (int64_t i = 0; i < t.n; ++i) {
+          if (!row_sees(p, t, s, qi, i)) continue;
+          float red = reduce_init(p.reduce, l[i]);
+          for (int64_t g = 1; g < G; ++g) red = reduce_step(p.reduce, red, l[g * t.n + i]);
+          red = reduce_finish(p.reduce, red, static_cast<int>(G));
+          s.sum[s.seen[i]] += red;
+          if (q0 + qi == q_star) s.plast[s.seen[i]] = red;
+        }
       }
     }
     if (q_star < 0) continue;  // no valid query: the statistics are unchanged
@@ -308,9 +452,25 @@ WKV_CPU_INLINE void attention_rows(const AttentionParams& p, int64_t begin, int6
   }
 }
 
+#if WKV_HAVE_AVX2_PATH
+#define WKV_AVX2_FMA_TARGET __attribute__((target("avx2,fma")))
+#else
+#define WKV_AVX2_FMA_TARGET
+#endif
+
+// The AVX2 + FMA build of the row loop: the same fused multiply-adds, in vector registers.
+bool cpu_has_avx2_fma() {
+#if WKV_HAVE_AVX2_PATH
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
 template <class T>
-WKV_AVX2_TARGET void attention_rows_avx2(const AttentionParams& p, int64_t begin, int64_t end) {
-  attention_rows<T>(p, begin, end);
+WKV_AVX2_FMA_TARGET void attention_rows_avx2(const AttentionParams& p, int64_t begin, int64_t end) {
+  attention_rows<true, T>(p, begin, end);
 }
 
 void run(const AttentionParams& p, at::ScalarType dtype) {
@@ -321,10 +481,10 @@ void run(const AttentionParams& p, at::ScalarType dtype) {
     using T = host::elem_t<scalar_t>;
     const int64_t work = int64_t(p.Q) * p.G * p.C * p.D;
     at::parallel_for(0, rows, grain(work), [&](int64_t begin, int64_t end) {
-      if (cpu_has_avx2())
+      if (cpu_has_avx2_fma())
         attention_rows_avx2<T>(p, begin, end);
       else
-        attention_rows<T>(p, begin, end);
+        attention_rows<false, T>(p, begin, end);
     });
   });
 }
