@@ -10,6 +10,7 @@ tokens the held slots absorbed). Results go to ``<out>/results_kl.json`` in the 
     python scripts/merge_rules_study.py --data-dir ../shared/evaldata --domains books,web,math,code \\
         --docs 2 --length 2048 --budgets 64,128,256,512 --rules evict,paper,similar,nearest,mass,gate \\
         --out docs/eval/merge_rules --threads 1
+    python scripts/merge_rules_study.py report docs/eval/merge_rules/*/results_kl.json
 """
 from __future__ import annotations
 
@@ -110,5 +111,57 @@ def main(argv=None) -> int:
     return 0
 
 
+def report(paths) -> str:
+    """Markdown tables from results_kl.json files of this script (several: merged by cell key).
+
+    Per rule and budget, over every document present in all of that budget's rules: perplexity
+    exp(sum NLL / sum targets), mean KL and top-1 agreement (per-document means averaged), and
+    the merge statistics (largest absorbed count of one slot, mean over documents of the
+    per-document maximum over layers x heads; share of held slots carrying >= 8 tokens)."""
+    import json
+    import math
+
+    cells = {}
+    for path in paths:
+        cells.update(json.load(open(path))["cells"])
+    by = {}  # (budget, rule) -> {doc: result}
+    for c in cells.values():
+        by.setdefault((c["budget"], c["rule"]), {}).update(c["results"])
+    budgets = sorted({b for b, _ in by})
+    rules = [r for r in RULES if any(r == x for _, x in by)]
+    out = []
+    ppl = {}
+    for b in budgets:
+        docs = set.intersection(*(set(by[(b, r)]) for r in rules if (b, r) in by))
+        for r in rules:
+            res = [by[(b, r)][d] for d in sorted(docs)] if (b, r) in by else []
+            if not res:
+                continue
+            nll = sum(x["nll"] for x in res)
+            tg = sum(x["targets"] for x in res)
+            full = math.exp(sum(x["nll_full"] for x in res) / tg)
+            kl = sum(x["kl"] for x in res) / len(res)
+            ag = sum(x["agree"] for x in res) / len(res)
+            mx = sum(x.get("merge_max", 0) for x in res) / len(res)
+            heavy = [sum(x["merge_hist"][4:]) / max(1, sum(x["merge_hist"])) for x in res
+                     if "merge_hist" in x]
+            ppl[(b, r)] = math.exp(nll / tg)
+            out.append((b, r, len(res), ppl[(b, r)], full, kl, ag, mx,
+                        100 * sum(heavy) / max(1, len(heavy))))
+    lines = ["| budget | rule | docs | ppl | ppl vs evict | KL (nats) | top-1 agree | max absorbed "
+             "(mean over docs) | slots carrying >= 8 (%) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for b, r, n, pp, full, kl, ag, mx, heavy in out:
+        ev = ppl.get((b, "evict"))
+        rel = f"{100 * (pp / ev - 1):+.2f}%" if ev else "-"
+        lines.append(f"| {b} | {r} | {n} | {pp:.3f} | {rel} | {kl:.4f} | {100 * ag:.1f}% | "
+                     f"{mx:.0f} | {heavy:.1f} |")
+    if out:
+        lines.append(f"\nFull cache perplexity on the same documents: {out[0][4]:.3f}.")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["report"]:
+        print(report(sys.argv[2:]))
+        sys.exit(0)
     sys.exit(main())
