@@ -360,3 +360,18 @@ def test_cuda_compress_matches_cpu(dtype, policy, rule, C, held, budget, sinks, 
         outs.append([t.cpu() for t in (*st, m)])
     for name, g, w in zip((*ref.State._fields, "merged"), outs[1], outs[0]):
         assert torch.equal(g, w), f"{name} differs"
+
+
+@pytest.mark.parametrize("impl", ["reference", "ops"])
+def test_similar_tie_goes_right_and_gate_is_inclusive(impl):
+    """Equal neighbour cosines pick the right neighbour; a cosine equal to the gate merges."""
+    mod = ref if impl == "reference" else compiled_ops()
+    st, m = six_tokens()
+    st.keys[0, 0, 1] = torch.tensor([0., 1.])  # cos 0 with k_2
+    st.keys[0, 0, 3] = torch.tensor([0., -1.])  # cos 0 with k_2: a tie
+    mod.compress(*st, 5, 0, 0, "weightedkv", merge_target="similar", merged=m)
+    assert m[0, 0].tolist() == [0, 0, 0, 1, 0, 0]  # merged into the right neighbour
+    st, m = six_tokens()
+    st.keys[0, 0, 3] = torch.tensor([2., 0.])  # cos exactly 1 with k_2
+    mod.compress(*st, 5, 0, 0, "weightedkv", merge_gate=1.0, merged=m)
+    assert m[0, 0].tolist() == [0, 0, 0, 1, 0, 0]  # cos == gate: merged

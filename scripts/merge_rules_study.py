@@ -98,7 +98,8 @@ def main(argv=None) -> int:
                                                 merge_rule=rule)
         return factories[cell.key]()
 
-    full = cache_factory("full", None, args.sinks, None, 1)
+    # the full reference in chunks of 256: no compression, so the chunking changes only rounding
+    full = cache_factory("full", None, args.sinks, None, 256)
     record = {"argv": sys.argv, "threads": args.threads, "batch": args.batch,
               "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     store.data["runs"].append(record)
