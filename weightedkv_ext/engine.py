@@ -160,7 +160,7 @@ class KVEngine:
         if not self.is_initialized:
             return 0
         return sum(t.numel() * t.element_size()
-                   for t in (*self.state, self.merged, self.row_seen))
+                   for t in (*self.state, self.merged, self.row_seen) if t is not None)
 
     def merge_stats(self) -> dict:
         """Over-merging, per (row, KV head): ``merged`` int64 ``[B, H, C]`` (evicted tokens each
@@ -171,7 +171,8 @@ class KVEngine:
             z = torch.zeros(0, 0, dtype=torch.int64)
             return dict(merged=z[..., None], max=z, hist=z[..., None])
         held = self.slot_pos >= 0
-        m = torch.where(held, self.merged, torch.zeros_like(self.merged)).round().long()
+        merged = self.merged if self.merged is not None else torch.zeros_like(self.scores)
+        m = torch.where(held, merged, torch.zeros_like(merged)).round().long()
         bins = merge_bins(m)
         hist = torch.zeros(*m.shape[:2], int(bins.max()) + 1 if m.numel() else 1,
                            dtype=torch.int64, device=m.device)
@@ -191,6 +192,9 @@ class KVEngine:
     def _merge_kwargs(self, policy: str) -> dict:
         """compress's merge-rule options (the engine's for weightedkv) and the merged tensor."""
         rule = self.merge_rule if policy == "weightedkv" else policies.MERGE_RULE_DEFAULT
+        if self.merged is None or self.merged.shape != self.scores.shape:
+            # slots loaded from outside (the vLLM backend sets the six tensors): nothing merged yet
+            self.merged = torch.zeros_like(self.scores)
         return dict(rule, merged=self.merged)
 
     def _limit(self) -> int | None:
@@ -384,7 +388,7 @@ class KVEngine:
             return
         for n in self._TENSORS:
             t = getattr(self, n)
-            if t.is_inference():
+            if t is not None and t.is_inference():
                 setattr(self, n, t.clone())
 
     def _make_room(self, n_new: int, like: Tensor) -> None:
@@ -407,7 +411,8 @@ class KVEngine:
         if self.is_initialized:
             n = self.capacity
             for name, t in new.items():
-                t[:, :, :n].copy_(getattr(self, name))
+                if getattr(self, name) is not None:  # merged may be absent (vLLM's slots)
+                    t[:, :, :n].copy_(getattr(self, name))
         else:
             self.row_seen = torch.zeros(B, dtype=torch.int64, device=dev)
         for name, t in new.items():
@@ -501,7 +506,9 @@ class KVEngine:
             return
         index = torch.as_tensor(index, dtype=torch.long).to(self.keys.device)
         for name in self._TENSORS:
-            setattr(self, name, getattr(self, name).index_select(0, index).contiguous())
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, index).contiguous())
 
     def reorder(self, beam_idx: Tensor) -> None:
         self.index_batch(beam_idx)
