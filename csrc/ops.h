@@ -25,7 +25,9 @@ using AccumulateOp = void(const Tensor& probs, const Tensor& slot_pos, const Ten
 using CompressOp = void(const Tensor& keys, const Tensor& values, const Tensor& scores,
                         const Tensor& counts, const Tensor& last, const Tensor& slot_pos,
                         int64_t budget, int64_t sinks, int64_t recent, c10::string_view policy,
-                        int64_t cam_window, int64_t seed, int64_t head_offset);
+                        int64_t cam_window, int64_t seed, int64_t head_offset,
+                        c10::string_view merge_target, double merge_gate,
+                        c10::string_view merge_weights, const std::optional<Tensor>& merged);
 
 // decode_attention (query/out [B, Hq, D]) and block_attention (query/out [B, Hq, Q, D]).
 using AttentionOp = void(const Tensor& query, const Tensor& keys, const Tensor& values,

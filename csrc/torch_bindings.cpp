@@ -14,7 +14,8 @@ TORCH_LIBRARY(weightedkv, m) {
   m.def(
       "compress(Tensor(a!) keys, Tensor(b!) values, Tensor(c!) scores, Tensor(d!) counts, "
       "Tensor(e!) last, Tensor(f!) slot_pos, int budget, int sinks, int recent, str policy, "
-      "int cam_window=16, int seed=0, int head_offset=0) -> ()");
+      "int cam_window=16, int seed=0, int head_offset=0, str merge_target=\"right\", "
+      "float merge_gate=0.0, str merge_weights=\"average\", Tensor(g!)? merged=None) -> ()");
   // decode_attention / block_attention: window, softcap, sinks (GPT-OSS s_aux, float32 [Hq])
   // as in docs/design.md; out is caller-allocated ([B, Hq, D] / [B, Hq, Q, D], query dtype).
   m.def(

@@ -143,7 +143,8 @@ def test_inspection_and_batch_selection():
     layer = cache.layers[0]
     assert cache.held_tokens().tolist() == [[[8, 8]] * 3]
     C = 8 + 4
-    per_row_head = C * 16 * 2 * 2 + C * 4 * 3 + C * 8  # fp16 K/V + three fp32 stats + int64 pos
+    # fp16 K/V + three fp32 stats + the fp32 merged counter + int64 pos
+    per_row_head = C * 16 * 2 * 2 + C * 4 * 3 + C * 4 + C * 8
     assert cache.memory_bytes() == 3 * 2 * per_row_head + 3 * 8
     assert cache.kv_bytes_held() == 3 * 2 * 8 * 16 * 2 * 2
     assert layer.scores.dtype == torch.float32 and layer.keys.dtype == torch.float16

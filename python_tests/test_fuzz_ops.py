@@ -66,7 +66,12 @@ class Fuzz:
                              pos_range=held)
         self.next_pos = [held] * self.B
         self.want = state_copy(start)
-        self.got = state_copy(start, strided=self.draw(st.booleans(), label="strided"))
+        strided = self.draw(st.booleans(), label="strided")
+        self.got = state_copy(start, strided=strided)
+        # weightedkv's merged counter (small integers on the held slots, as after some merges)
+        m = torch.randint(0, 4, start.scores.shape, generator=self.gen).float()
+        self.merged_want = torch.where(start.slot_pos >= 0, m, torch.zeros_like(m))
+        self.merged_got = layout(self.merged_want.clone(), strided)
 
     # -- random inputs ------------------------------------------------------------------------
 
@@ -147,9 +152,16 @@ class Fuzz:
         budget = self.draw(st.integers(self.sinks + self.recent + 1, self.budget + 2),
                            label="compress budget")
         args = (budget, self.sinks, self.recent, self.policy, self.window, self.seed)
-        ref.compress(*self.want, *args)
-        self.ops.compress(*self.got, *args)
+        rule = {}
+        if self.policy == "weightedkv":  # the merge-rule options (issue #14)
+            rule = dict(
+                merge_target=self.draw(st.sampled_from(ref.MERGE_TARGETS), label="merge_target"),
+                merge_gate=self.draw(st.sampled_from([0.0, 0.3, 1.0]), label="merge_gate"),
+                merge_weights=self.draw(st.sampled_from(ref.MERGE_WEIGHTS), label="merge_weights"))
+        ref.compress(*self.want, *args, **rule, merged=self.merged_want)
+        self.ops.compress(*self.got, *args, **rule, merged=self.merged_got)
         self.check_exact("compress")
+        assert torch.equal(self.merged_got, self.merged_want), "after compress: merged differs"
         held = (self.got.slot_pos >= 0).sum(-1)
         assert int(held.max()) <= budget
 

@@ -34,7 +34,8 @@ GROUP_REDUCES = policies.GROUP_REDUCES
 _ENABLE_HINT = ('call weightedkv_ext.enable(model) (or load the model with '
                 'attn_implementation="weightedkv")')
 _ENGINE_ARGS = ("budget", "sinks", "recent", "policy", "chunk_size", "cam_window", "seed",
-                "group_reduce", "backend", *_prompt_mode.OPTIONS)
+                "group_reduce", "backend", "merge_target", "merge_gate", "merge_weights",
+                *_prompt_mode.OPTIONS)
 
 
 class WeightedKVLayer(CacheLayerMixin):
@@ -69,6 +70,7 @@ class WeightedKVLayer(CacheLayerMixin):
     counts = property(lambda self: self.engine.counts)
     last = property(lambda self: self.engine.last)
     slot_pos = property(lambda self: self.engine.slot_pos)
+    merged = property(lambda self: self.engine.merged)
     row_seen = property(lambda self: self.engine.row_seen)
     state = property(lambda self: self.engine.state)
     capacity = property(lambda self: self.engine.capacity)
@@ -242,6 +244,12 @@ class WeightedKVCache(Cache):
         group_reduce: how the G query heads of a KV head are combined into one score
             (``mean``, ``sum`` or ``max``).
         backend: ``"ops"`` (compiled kernels, default) or ``"reference"`` (pure PyTorch, slow).
+        merge_target, merge_gate, merge_weights: weightedkv's merge rule (``policy="weightedkv"``
+            only; the defaults ``"right"``, ``0``, ``"average"`` are the paper's): the merge target
+            (``"similar"``: the more key-similar neighbour, ``"nearest"``: the most key-similar
+            held token), a key-cosine gate below which a merge becomes an eviction, and the
+            weights (``"mass"``: each slot's average times the tokens it carries). See
+            ``ops.compress``; ``merge_stats()`` shows how merges pile up.
         prompt_mode, prompt_window, prompt_pool, prompt_budget, prompt_merge, prompt_end:
             ``prompt_mode="snapkv"`` holds the prompt and compresses it once, at its end, by the
             attention of its last ``prompt_window`` tokens (the question), then decodes with
@@ -254,7 +262,9 @@ class WeightedKVCache(Cache):
     def __init__(self, budget: int | None, sinks: int = policies.DEFAULT_SINKS,
                  recent: int | None = None, policy: str = "weightedkv", chunk_size: int = 128,
                  cam_window: int = 16, seed: int = 0, group_reduce: str = "mean",
-                 backend: str = "ops", **prompt_options):
+                 backend: str = "ops", *, merge_target: str = "right",
+                 merge_gate: float | None = 0.0, merge_weights: str = "average",
+                 **prompt_options):
         unknown = sorted(set(prompt_options) - set(_prompt_mode.OPTIONS))
         if unknown:
             raise TypeError(f"WeightedKVCache: unexpected keyword argument {unknown[0]!r} "
@@ -262,7 +272,8 @@ class WeightedKVCache(Cache):
         prompt_options = {**_prompt_mode.OPTIONS, **prompt_options}
         # One set of rules: the engine validates (and resolves recent=None) for every layer.
         proto = KVEngine(budget, sinks, recent, policy, chunk_size, cam_window, seed,
-                         group_reduce, backend, name="WeightedKVCache", **prompt_options)
+                         group_reduce, backend, name="WeightedKVCache", merge_target=merge_target,
+                         merge_gate=merge_gate, merge_weights=merge_weights, **prompt_options)
         super().__init__(layers=[])
         for a in _ENGINE_ARGS:
             setattr(self, a, getattr(proto, a))
@@ -336,6 +347,20 @@ class WeightedKVCache(Cache):
     def memory_bytes(self) -> int:
         """Bytes allocated by all layers: slot K/V, statistics, positions and counters."""
         return sum(layer.memory_bytes() for layer in self.layers)
+
+    def merge_stats(self) -> dict:
+        """Over-merging per (layer, row, KV head): ``max`` int64 ``[layers, B, H]`` (the most
+        evicted tokens one held slot has absorbed, transitively) and ``hist`` int64
+        ``[layers, B, H, bins]`` (held slots absorbing 0, 1, 2-3, 4-7, ... tokens; see
+        ``KVEngine.merge_stats``), zero-padded to a common number of bins."""
+        stats = [layer.engine.merge_stats() for layer in self.layers if layer.is_initialized]
+        if not stats:
+            z = torch.zeros(0, 0, 0, dtype=torch.int64)
+            return dict(max=z, hist=z[..., None])
+        bins = max(s["hist"].shape[-1] for s in stats)
+        hist = torch.stack([torch.nn.functional.pad(s["hist"].cpu(), (0, bins - s["hist"].shape[-1]))
+                            for s in stats])
+        return dict(max=torch.stack([s["max"].cpu() for s in stats]), hist=hist)
 
     def kv_bytes_held(self) -> int:
         """Bytes of the K/V rows actually holding a token (what a dense cache of them would use)."""

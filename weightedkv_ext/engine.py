@@ -59,6 +59,8 @@ class KVEngine:
         softcap: logit soft-capping ``softcap * tanh(logit / softcap)`` (0 = off).
         sink_logits: learned attention sinks (GPT-OSS ``s_aux``), float ``[Hq]``, or None.
         name: how errors name this engine; reset_hint: what they tell the user to call.
+        merge_target, merge_gate, merge_weights: weightedkv's merge rule (``policy="weightedkv"``
+            only; defaults = the paper's): see ``ops.compress`` and csrc/kernels/merge.h.
         prompt_mode, prompt_window, prompt_pool, prompt_budget, prompt_merge, prompt_end: how the
             prompt is compressed (``"stream"``: like every token; ``"snapkv"``: held, then
             compressed once by the attention of its last ``prompt_window`` queries); see
@@ -70,13 +72,17 @@ class KVEngine:
     def __init__(self, budget, sinks=policies.DEFAULT_SINKS, recent=None, policy="weightedkv",
                  chunk_size=128, cam_window=16, seed=0, group_reduce="mean", backend="ops", *,
                  window=0, softcap=0.0, sink_logits=None, head_offset=0, name="KVEngine",
-                 reset_hint="engine.reset()", prompt_mode="stream", prompt_window=32,
+                 reset_hint="engine.reset()", merge_target="right", merge_gate=0.0,
+                 merge_weights="average", prompt_mode="stream", prompt_window=32,
                  prompt_pool=7, prompt_budget=None, prompt_merge=False,
                  prompt_end="first_forward"):
         self.name, self.reset_hint = name, reset_hint
         self.budget, self.sinks, self.recent = policies.resolve(name, policy, budget, sinks,
                                                                 recent)
         self.policy = policy
+        self.merge_rule = policies.check_merge_rule(name, policy, merge_target, merge_gate,
+                                                    merge_weights)
+        self.merge_target, self.merge_gate, self.merge_weights = self.merge_rule.values()
         if backend not in BACKENDS:
             raise ValueError(f"{name}: backend must be one of {BACKENDS}, got backend={backend!r}")
         if group_reduce not in policies.GROUP_REDUCES:
@@ -130,12 +136,13 @@ class KVEngine:
 
     # -- state ---------------------------------------------------------------------------------
 
-    _TENSORS = ("keys", "values", "scores", "counts", "last", "slot_pos", "row_seen")
+    # merged [B, H, C] float32: the evicted tokens each slot has absorbed by merges (merge_stats)
+    _TENSORS = ("keys", "values", "scores", "counts", "last", "slot_pos", "merged", "row_seen")
 
     def reset(self) -> None:
         """Forget every token (the storage is freed); the configuration is kept."""
         self.keys = self.values = self.scores = self.counts = self.last = None
-        self.slot_pos = self.row_seen = None
+        self.slot_pos = self.merged = self.row_seen = None
         self.seen = 0  # columns received (padding included)
         self.peak_block = 0  # largest attention block built: queries x slots per (row, head)
         self._window_fixed = False  # the window is part of the storage rule once tokens are held
@@ -167,7 +174,25 @@ class KVEngine:
         """Bytes allocated: slot K/V, statistics, positions and the row counters."""
         if not self.is_initialized:
             return 0
-        return sum(t.numel() * t.element_size() for t in (*self.state, self.row_seen))
+        return sum(t.numel() * t.element_size()
+                   for t in (*self.state, self.merged, self.row_seen) if t is not None)
+
+    def merge_stats(self) -> dict:
+        """Over-merging, per (row, KV head): ``merged`` int64 ``[B, H, C]`` (evicted tokens each
+        held slot has absorbed, transitively; 0 for empty slots), ``max`` int64 ``[B, H]``, and
+        ``hist`` int64 ``[B, H, bins]``: held slots by absorbed count 0, 1, 2-3, 4-7, ... (bin
+        ``i >= 1`` counts ``[2^(i-1), 2^i)``; ``bins`` = the bins needed by the largest count)."""
+        if not self.is_initialized:
+            z = torch.zeros(0, 0, dtype=torch.int64)
+            return dict(merged=z[..., None], max=z, hist=z[..., None])
+        held = self.slot_pos >= 0
+        merged = self.merged if self.merged is not None else torch.zeros_like(self.scores)
+        m = torch.where(held, merged, torch.zeros_like(merged)).round().long()
+        bins = merge_bins(m)
+        hist = torch.zeros(*m.shape[:2], int(bins.max()) + 1 if m.numel() else 1,
+                           dtype=torch.int64, device=m.device)
+        hist.scatter_add_(2, bins, held.long())
+        return dict(merged=m, max=m.amax(-1) if m.shape[-1] else m.sum(-1), hist=hist)
 
     # -- the storage rule ------------------------------------------------------------------------
 
@@ -180,6 +205,14 @@ class KVEngine:
         if _prompt_mode.in_prompt(self):  # snapkv: the prompt is held (or kept to prompt_budget)
             return _prompt_mode.compress_args(self)
         return self.budget, self.sinks, self.recent, self.policy
+
+    def _merge_kwargs(self, policy: str) -> dict:
+        """compress's merge-rule options (the engine's for weightedkv) and the merged tensor."""
+        rule = self.merge_rule if policy == "weightedkv" else policies.MERGE_RULE_DEFAULT
+        if self.merged is None or self.merged.shape != self.scores.shape:
+            # slots loaded from outside (the vLLM backend sets the six tensors): nothing merged yet
+            self.merged = torch.zeros_like(self.scores)
+        return dict(rule, merged=self.merged)
 
     def _limit(self) -> int | None:
         """Slots never needed beyond this (budget + chunk); None = unbounded (``full``)."""
@@ -392,7 +425,7 @@ class KVEngine:
             return
         for n in self._TENSORS:
             t = getattr(self, n)
-            if t.is_inference():
+            if t is not None and t.is_inference():
                 setattr(self, n, t.clone())
 
     def _make_room(self, n_new: int, like: Tensor) -> None:
@@ -410,11 +443,13 @@ class KVEngine:
             counts=torch.zeros(B, H, C, dtype=torch.float32, device=dev),
             last=torch.zeros(B, H, C, dtype=torch.float32, device=dev),
             slot_pos=torch.full((B, H, C), -1, dtype=torch.int64, device=dev),
+            merged=torch.zeros(B, H, C, dtype=torch.float32, device=dev),
         )
         if self.is_initialized:
             n = self.capacity
             for name, t in new.items():
-                t[:, :, :n].copy_(getattr(self, name))
+                if getattr(self, name) is not None:  # merged may be absent (vLLM's slots)
+                    t[:, :, :n].copy_(getattr(self, name))
         else:
             self.row_seen = torch.zeros(B, dtype=torch.int64, device=dev)
         for name, t in new.items():
@@ -474,7 +509,7 @@ class KVEngine:
         args = self._compress_args()
         if args is not None:
             self.ops.compress(*self.state, *args, self.cam_window, self.seed,
-                              head_offset=self.head_offset)
+                              head_offset=self.head_offset, **self._merge_kwargs(args[3]))
         return out
 
     def _attention(self, query, qpos, scale, window, softcap, sink_logits) -> Tensor:
@@ -510,7 +545,9 @@ class KVEngine:
             return
         index = torch.as_tensor(index, dtype=torch.long).to(self.keys.device)
         for name in self._TENSORS:
-            setattr(self, name, getattr(self, name).index_select(0, index).contiguous())
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, index).contiguous())
         _prompt_mode.index_batch(self, index)
 
     def reorder(self, beam_idx: Tensor) -> None:
@@ -522,6 +559,13 @@ class KVEngine:
     def repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
             self.index_batch(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+
+
+def merge_bins(m: Tensor) -> Tensor:
+    """The ``merge_stats`` histogram bin of absorbed counts ``m`` (int64): 0 -> 0, and
+    ``[2^(i-1), 2^i)`` -> i (1 -> 1, 2-3 -> 2, 4-7 -> 3, ...)."""
+    return torch.where(m > 0, torch.floor(torch.log2(m.clamp(min=1).double())).long() + 1,
+                       torch.zeros_like(m))
 
 
 def _describe(x) -> str:

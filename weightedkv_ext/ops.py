@@ -65,19 +65,27 @@ def accumulate(probs: Tensor, slot_pos: Tensor, query_pos: Tensor, scores: Tenso
 
 def compress(keys: Tensor, values: Tensor, scores: Tensor, counts: Tensor, last: Tensor,
              slot_pos: Tensor, budget: int, sinks: int, recent: int, policy: str,
-             cam_window: int = 16, seed: int = 0, head_offset: int = 0) -> None:
+             cam_window: int = 16, seed: int = 0, head_offset: int = 0, *,
+             merge_target: str = "right", merge_gate: float = 0.0,
+             merge_weights: str = "average", merged: Tensor | None = None) -> None:
     """Remove tokens of every (b, h) until at most ``budget`` are held (in place).
 
     ``policy`` is one of ``POLICIES``; the ``sinks`` oldest and ``recent`` newest held tokens are
     never removed (``budget > sinks + recent``). ``cam_window`` and ``seed`` are used by ``"cam"``,
     whose draw for KV head ``h`` is keyed by the global head ``head_offset + h`` (tensor
     parallelism: a shard holding heads ``head_offset ..`` draws what the full run draws).
+
+    ``merge_target`` (``policies.MERGE_TARGETS``), ``merge_gate`` (key cosine in [0, 1], 0 = off)
+    and ``merge_weights`` (``policies.MERGE_WEIGHTS``) change weightedkv's merge (their defaults
+    are the paper's; csrc/kernels/merge.h). ``merged`` float32 ``[B, H, C]`` or None: the evicted
+    tokens each slot has absorbed, updated in place (needed by ``merge_weights="mass"``).
     """
     op = "compress"
     _ops.compress(keys, values, scores, counts, last, slot_pos, _int(op, "budget", budget),
                   _int(op, "sinks", sinks), _int(op, "recent", recent), policy,
                   _int(op, "cam_window", cam_window), _int(op, "seed", seed),
-                  _int(op, "head_offset", head_offset))
+                  _int(op, "head_offset", head_offset), merge_target,
+                  _float(op, "merge_gate", merge_gate), merge_weights, merged)
 
 
 def _attention_kwargs(op: str, window, softcap) -> dict:

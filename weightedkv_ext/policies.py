@@ -58,6 +58,41 @@ DISPLAY = {p.name: p.display for p in TABLE}
 
 DEFAULT_SINKS = 4  # the paper's attention sinks
 
+# weightedkv's merge rule (compress's merge_target / merge_gate / merge_weights; the first entry
+# and 0.0 are the paper's; csrc/kernels/merge.h documents each). Kernels: kMergeTargetNames,
+# kMergeWeightingNames; reference.py keeps a copy (python_tests/test_policies.py).
+MERGE_TARGETS = ("right", "similar", "nearest")
+MERGE_WEIGHTS = ("average", "mass")
+MERGE_RULE_DEFAULT = dict(merge_target="right", merge_gate=0.0, merge_weights="average")
+MERGE_RULE_PAPERS = {
+    "similar": "the more key-similar neighbour (the independent test of issue #14)",
+    "nearest": "the most key-similar held token: kvpress MergingPress / KVMerger "
+               "(Wang et al., arXiv 2407.08454)",
+    "gate": "key-cosine gate: CaM (Zhang et al., ICML 2024), D2O (Wan et al., arXiv 2406.13035)",
+    "mass": "weights from the mass each slot carries: KeepKV (Tian et al., arXiv 2504.09936)",
+}
+
+
+def check_merge_rule(owner: str, policy: str, merge_target="right", merge_gate=0.0,
+                     merge_weights="average") -> dict:
+    """Validate weightedkv's merge-rule options; returns them as a dict of compress kwargs."""
+    if merge_target not in MERGE_TARGETS:
+        raise ValueError(f"{owner}: merge_target must be one of {MERGE_TARGETS}, "
+                         f"got merge_target={merge_target!r}")
+    if merge_weights not in MERGE_WEIGHTS:
+        raise ValueError(f"{owner}: merge_weights must be one of {MERGE_WEIGHTS}, "
+                         f"got merge_weights={merge_weights!r}")
+    gate = 0.0 if merge_gate is None else merge_gate
+    if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0 <= gate <= 1:
+        raise ValueError(f"{owner}: merge_gate must be a key cosine in [0, 1] (0 or None = no "
+                         f"gate), got merge_gate={merge_gate!r}")
+    rule = dict(merge_target=merge_target, merge_gate=float(gate), merge_weights=merge_weights)
+    if rule != MERGE_RULE_DEFAULT and policy != "weightedkv":
+        raise ValueError(f"{owner}: merge_target/merge_gate/merge_weights change weightedkv's "
+                         f"merge and apply only to policy='weightedkv', got policy={policy!r} "
+                         f"with {rule}; leave them at their defaults")
+    return rule
+
 
 def default_recent(budget: int, sinks: int) -> int:
     """The paper's rule: half of the budget is the recent window, sinks included."""

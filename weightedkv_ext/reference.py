@@ -45,6 +45,8 @@ import torch
 from torch import Tensor
 
 POLICIES = ("weightedkv", "evict", "h2o", "tova", "streaming", "cam")
+MERGE_TARGETS = ("right", "similar", "nearest")  # weightedkv's merge rule (csrc/kernels/merge.h)
+MERGE_WEIGHTS = ("average", "mass")
 GROUP_REDUCES = ("mean", "sum", "max")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -411,11 +413,54 @@ def _merge_weights(wj: Tensor, wr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return wj, wr, s
 
 
-def _merge_weightedkv(values_bh: Tensor, avg: Tensor, j: int, r: int) -> None:
-    """v_r <- (w_j v_j + w_r v_r) / s with the weights of ``_merge_weights``, float32."""
+def _merge_weightedkv(values_bh: Tensor, avg: Tensor, j: int, r: int, weight=None) -> None:
+    """v_r <- (w_j v_j + w_r v_r) / s with the weights of ``_merge_weights``, float32.
+    ``weight`` [C] float32: the per-slot weights (default ``avg``: the paper's)."""
+    weight = avg if weight is None else weight
     vj, vr = values_bh[j].float(), values_bh[r].float()
-    wj, wr, s = _merge_weights(avg[j].float(), avg[r].float())
+    wj, wr, s = _merge_weights(weight[j].float(), weight[r].float())
     _store(values_bh[r], (wj * vj + wr * vr) / s)
+
+
+def _cosines(keys_bh: Tensor, j: int, others: list[int]) -> Tensor:
+    """cos(k_j, k_c) for c in ``others`` [n] float32, as merge.h's key_cosine: dot, |k_j|^2 and
+    |k_c|^2 summed in increasing d, then dot / (sqrt |k_j|^2 * sqrt |k_c|^2), 0 unless > 0."""
+    a = keys_bh[j].float()
+    b = keys_bh[others].float()
+    dot = torch.zeros(len(others), dtype=torch.float32, device=a.device)
+    nb = torch.zeros_like(dot)
+    na = torch.zeros((), dtype=torch.float32, device=a.device)
+    for d in range(a.shape[0]):
+        dot = dot + b[:, d] * a[d]
+        na = na + a[d] * a[d]
+        nb = nb + b[:, d] * b[:, d]
+    den = torch.sqrt(na) * torch.sqrt(nb)
+    return torch.where(den > 0, dot / den, torch.zeros_like(dot))
+
+
+def _merge_target(keys_bh: Tensor, order: list[int], pos: list[int], j: int,
+                  merge_target: str) -> tuple[int | None, float | None]:
+    """weightedkv's target for j among the held tokens ``order`` (position order) and its key
+    cosine (None when not computed): right neighbour / more similar neighbour / most similar."""
+    i = order.index(j)
+    right = order[i + 1] if i + 1 < len(order) else None
+    if merge_target == "right":
+        return right, None
+    if merge_target == "similar":
+        left = order[i - 1] if i > 0 else None
+        if left is None or right is None:
+            return (right if left is None else left), None
+        cl, cr = (float(c) for c in _cosines(keys_bh, j, [left, right]))
+        take_left = (cl == cl) if cr != cr else cl > cr  # ties and NaN go right
+        return (left, cl) if take_left else (right, cr)
+    others = [c for c in order if c != j]  # nearest: largest cosine, NaN lowest, then oldest
+    if not others:
+        return None, None
+    cos = _cosines(keys_bh, j, others).tolist()
+    best = min(range(len(others)),
+               key=lambda k: (1, 0.0, pos[others[k]], others[k]) if cos[k] != cos[k]
+               else (0, -cos[k], pos[others[k]], others[k]))
+    return others[best], cos[best]
 
 
 def _cam_probability(avg: Tensor, j: int, window: list[int]) -> float:
@@ -448,17 +493,39 @@ def _order(key: float, pos: int) -> tuple:
     return (0, 0.0, pos) if key != key else (1, key, pos)
 
 
-def _drop(scores_bh, counts_bh, last_bh, slot_pos_bh, j: int) -> None:
+def _drop(scores_bh, counts_bh, last_bh, slot_pos_bh, j: int, merged_bh=None) -> None:
     slot_pos_bh[j] = -1
     scores_bh[j] = 0
     counts_bh[j] = 0
     last_bh[j] = 0
+    if merged_bh is not None:
+        merged_bh[j] = 0
+
+
+def _merge_rule(keys_bh, values_bh, avg, order, pos, j, merged_bh, merge_target, merge_gate,
+                merge_weights) -> None:
+    """weightedkv's merge of j under the merge-rule options (csrc/kernels/merge.h)."""
+    t, cos = _merge_target(keys_bh, order, pos, j, merge_target)
+    if t is None:
+        return
+    if merge_gate > 0:
+        if cos is None:
+            cos = float(_cosines(keys_bh, j, [t])[0])
+        if not cos >= _f32(merge_gate).item():  # NaN never passes
+            return
+    m = merged_bh if merged_bh is not None else torch.zeros_like(avg)
+    weight = avg * (1 + m) if merge_weights == "mass" else avg
+    _merge_weightedkv(values_bh, avg, j, t, weight)
+    if merged_bh is not None:
+        merged_bh[t] = merged_bh[t] + (1 + merged_bh[j])
 
 
 def _compress_one(values_bh, scores_bh, counts_bh, last_bh, slot_pos_bh, b, h, budget, sinks,
-                  recent, policy, cam_window, seed) -> None:
+                  recent, policy, cam_window, seed, keys_bh=None, merged_bh=None,
+                  merge_target="right", merge_gate=0.0, merge_weights="average") -> None:
     """Algorithm 1 for one (batch, head): remove one token at a time until the budget holds.
     ``h`` is the global KV head index (CaM's draw)."""
+    paper = (merge_target, merge_gate, merge_weights) == ("right", 0.0, "average")
     while True:
         pos = slot_pos_bh.tolist()
         order = sorted((c for c in range(len(pos)) if pos[c] >= 0), key=lambda c: pos[c])
@@ -477,17 +544,24 @@ def _compress_one(values_bh, scores_bh, counts_bh, last_bh, slot_pos_bh, b, h, b
             key = pos
         j = min(eligible, key=lambda c: _order(key[c], pos[c]))
         after = order[order.index(j) + 1:]  # held tokens to the right of j, in position order
-        if policy == "weightedkv" and after:
+        if policy == "weightedkv" and not paper:
+            _merge_rule(keys_bh, values_bh, avg, order, pos, j, merged_bh, merge_target,
+                        merge_gate, merge_weights)
+        elif policy == "weightedkv" and after:
             _merge_weightedkv(values_bh, avg, j, after[0])
+            if merged_bh is not None:
+                merged_bh[after[0]] = merged_bh[after[0]] + (1 + merged_bh[j])
         elif policy == "cam" and after:
             _merge_cam(values_bh, avg, j, after[:cam_window], uniform(seed, b, h, pos[j]))
-        _drop(scores_bh, counts_bh, last_bh, slot_pos_bh, j)
+        _drop(scores_bh, counts_bh, last_bh, slot_pos_bh, j, merged_bh)
 
 
 def compress(keys, values, scores, counts, last, slot_pos, budget, sinks, recent, policy,
-             cam_window=16, seed=0, head_offset=0) -> None:
+             cam_window=16, seed=0, head_offset=0, *, merge_target="right", merge_gate=0.0,
+             merge_weights="average", merged=None) -> None:
     """Remove tokens of every (b, h) until at most ``budget`` are held (docs/design.md).
-    CaM's draw for KV head ``h`` uses the global head index ``head_offset + h``."""
+    CaM's draw for KV head ``h`` uses the global head index ``head_offset + h``. The merge-rule
+    options and ``merged`` (float32 [B, H, C], updated in place) as in ``ops.compress``."""
     op = "compress"
     _check_state(op, keys, values, scores, counts, last, slot_pos)
     if sinks < 0:
@@ -504,11 +578,28 @@ def compress(keys, values, scores, counts, last, slot_pos, budget, sinks, recent
                   f"got head_offset={head_offset}")
     if policy not in POLICIES:
         _fail(op, f"policy must be one of {POLICIES}, got {policy!r}")
+    if merge_target not in MERGE_TARGETS:
+        _fail(op, f"merge_target must be one of {MERGE_TARGETS}, got {merge_target!r}")
+    if merge_weights not in MERGE_WEIGHTS:
+        _fail(op, f"merge_weights must be one of {MERGE_WEIGHTS}, got {merge_weights!r}")
+    if not 0 <= merge_gate <= 1:
+        _fail(op, f"merge_gate must be a key cosine in [0, 1] (0 = no gate), got {merge_gate}")
+    if (merge_target, merge_gate, merge_weights) != ("right", 0.0, "average") \
+            and policy != "weightedkv":
+        _fail(op, f"merge_target, merge_gate, merge_weights apply only to policy='weightedkv', "
+                  f"got policy={policy!r}")
+    if merge_weights == "mass" and merged is None:
+        _fail(op, "merge_weights='mass' needs the merged tensor; pass merged=")
+    if merged is not None:
+        _check(op, "merged", merged, "[B, H, C]", tuple(slot_pos.shape), (torch.float32,),
+               keys.device)
     B, H = keys.shape[:2]
     for b in range(B):
         for h in range(H):
             _compress_one(values[b, h], scores[b, h], counts[b, h], last[b, h], slot_pos[b, h],
-                          b, head_offset + h, budget, sinks, recent, policy, cam_window, seed)
+                          b, head_offset + h, budget, sinks, recent, policy, cam_window, seed,
+                          keys[b, h], None if merged is None else merged[b, h], merge_target,
+                          float(merge_gate), merge_weights)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,9 @@
 //    the right neighbour / CaM window of j are the next held tokens in (position, slot) order at
 //    that moment (for k == 1 found by partial selection; for k > 1 through a linked list over the
 //    position order built once). Hence k removals in one call == k calls removing one, bit for bit.
+//  * weightedkv's merge rule (merge.h): merge_target 'similar' also needs the previous held token
+//    and 'nearest' scans every held token's key; both go through the general linked list for
+//    k > 1 (the one of CaM). The gate and the weights only change the merge itself.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -131,11 +134,21 @@ class RowCompressor {
       return;
     }
     const int64_t m_max = p_.policy == Policy::WeightedKV ? 1 : p_.cam_window;
+    const bool right = p_.policy != Policy::WeightedKV || p_.merge_target == MergeTarget::Right;
     if (k == 1) {
       const int64_t j = s_.cands[0].slot;
       const PosSlot pj{s_.cands[0].pos, j};
       s_.window.clear();
-      if (m_max == 1) {
+      if (!right) {
+        // the previous and next held tokens around j
+        PosSlot l{-1, -1}, r = kNoToken;
+        for (const PosSlot& ps : s_.held) {
+          if (pj < ps && ps < r) r = ps;
+          if (ps < pj && (l.slot < 0 || l < ps)) l = ps;
+        }
+        s_.window.push_back(choose_target(j, l.slot, r.slot == kNoToken.slot ? -1 : r.slot,
+                                          s_.held.data(), static_cast<int64_t>(s_.held.size())));
+      } else if (m_max == 1) {
         // right neighbour: the smallest held token after j
         PosSlot r = kNoToken;
         for (const PosSlot& ps : s_.held)
@@ -153,11 +166,11 @@ class RowCompressor {
       remove_with_merge(j);
       return;
     }
-    if (m_max == 1) {
+    if (m_max == 1 && right) {
       remove_many_weightedkv(k);
       return;
     }
-    // k > 1 (CaM): doubly linked list over the (pos, slot) order of the held tokens; rank L = end.
+    // k > 1 (CaM, weightedkv's similar / nearest targets): doubly linked list over the (pos, slot) order of the held tokens; rank L = end.
     std::sort(s_.held.begin(), s_.held.end());
     s_.next.resize(L + 1);
     s_.prev.resize(L + 1);
@@ -170,9 +183,15 @@ class RowCompressor {
       const int64_t j = s_.cands[i].slot;
       const int64_t rj = s_.rank_of_slot[j];
       s_.window.clear();
-      for (int64_t r = s_.next[rj]; r < L && static_cast<int64_t>(s_.window.size()) < m_max;
-           r = s_.next[r])
-        s_.window.push_back(s_.held[r].slot);
+      if (!right) {
+        const int64_t pv = s_.prev[rj], nx = s_.next[rj];
+        s_.window.push_back(choose_target(j, pv >= 0 ? s_.held[pv].slot : -1,
+                                          nx < L ? s_.held[nx].slot : -1, s_.held.data(), L));
+      } else {
+        for (int64_t r = s_.next[rj]; r < L && static_cast<int64_t>(s_.window.size()) < m_max;
+             r = s_.next[r])
+          s_.window.push_back(s_.held[r].slot);
+      }
       remove_with_merge(j);
       // unlink rj
       const int64_t nx = s_.next[rj], pv = s_.prev[rj];
@@ -271,6 +290,41 @@ class RowCompressor {
     }
   }
 
+  // weightedkv's target for j (not 'right'): 'similar' picks between the previous held token
+  // `left` and the next one `right` (-1 = none); 'nearest' scans the n tokens of `held` that
+  // are still held (drop() has not freed their slot yet). -1: no target.
+  int64_t choose_target(int64_t j, int64_t left, int64_t right, const PosSlot* held, int64_t n) {
+    if (p_.merge_target == MergeTarget::Similar) {
+      if (left < 0 || right < 0) return left < 0 ? right : left;
+      return prefer_left(cosine(j, left), cosine(j, right)) ? left : right;
+    }
+    int64_t best = -1;
+    float best_cos = 0.0f;
+    PosSlot best_ps{0, 0};
+    for (int64_t i = 0; i < n; ++i) {
+      const PosSlot& ps = held[i];
+      if (ps.slot == j || slot_pos(ps.slot) < 0) continue;
+      const float c = cosine(j, ps.slot);
+      if (best < 0 || similar_better(c, ps.pos, ps.slot, best_cos, best_ps.pos, best_ps.slot)) {
+        best = ps.slot;
+        best_cos = c;
+        best_ps = ps;
+      }
+    }
+    return best;
+  }
+
+  float cosine(int64_t a, int64_t b) const {
+    const int64_t ks = c_.keys_st.s3;
+    return key_cosine<T>(key_row(a), key_row(b), c_.D, ks, ks);
+  }
+  const T* key_row(int64_t c) const {
+    return static_cast<const T*>(c_.keys) + off(c_.keys_st, b_, h_, c, 0);
+  }
+  float merged(int64_t c) const {
+    return p_.merged ? p_.merged[off(p_.merged_st, b_, h_, c)] : 0.0f;
+  }
+
   int64_t slot_pos(int64_t c) const { return c_.slot_pos[off(c_.pos_st, b_, h_, c)]; }
   float stat(const float* base, Stride3 st, int64_t c) const { return base[off(st, b_, h_, c)]; }
   float avg(int64_t c) const {
@@ -283,15 +337,23 @@ class RowCompressor {
     c_.scores[off(c_.scores_st, b_, h_, c)] = 0.0f;
     c_.counts[off(c_.counts_st, b_, h_, c)] = 0.0f;
     c_.last[off(c_.last_st, b_, h_, c)] = 0.0f;
+    if (p_.merged) p_.merged[off(p_.merged_st, b_, h_, c)] = 0.0f;
   }
 
   // Merges j into s_.window (its right neighbour / CaM window), then drops j.
   void remove_with_merge(int64_t j) {
     const int64_t m = static_cast<int64_t>(s_.window.size());
     const int64_t vs = c_.values_st.s3;
-    if (m > 0 && p_.policy == Policy::WeightedKV) {
+    if (m > 0 && p_.policy == Policy::WeightedKV && s_.window[0] >= 0) {
       const int64_t r = s_.window[0];
-      weighted_merge_row<T>(value_row(j), value_row(r), c_.D, vs, vs, merge_weights(avg(j), avg(r)));
+      if (gate_passes(p_.merge_gate, p_.merge_gate > 0.0f ? cosine(j, r) : 0.0f)) {
+        const float mj = merged(j), mr = merged(r);
+        weighted_merge_row<T>(value_row(j), value_row(r), c_.D, vs, vs,
+                              merge_weights(slot_weight(p_.merge_weights, avg(j), mj),
+                                            slot_weight(p_.merge_weights, avg(r), mr)));
+        if (p_.merged)
+          p_.merged[off(p_.merged_st, b_, h_, r)] = wkv_add(mr, wkv_add(1.0f, mj));
+      }
     } else if (m > 0 && p_.policy == Policy::CaM) {
       float sum = 0.0f;
       for (int64_t i = 0; i < m; ++i) sum = wkv_add(sum, avg(s_.window[i]));
@@ -317,10 +379,13 @@ class RowCompressor {
 void compress(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& scores,
                   const at::Tensor& counts, const at::Tensor& last, const at::Tensor& slot_pos,
                   int64_t budget, int64_t sinks, int64_t recent, c10::string_view policy,
-                  int64_t cam_window, int64_t seed, int64_t head_offset) {
+                  int64_t cam_window, int64_t seed, int64_t head_offset,
+                  c10::string_view merge_target, double merge_gate,
+                  c10::string_view merge_weights, const std::optional<at::Tensor>& merged) {
   const CompressParams p = host::prepare_compress(keys, values, scores, counts, last, slot_pos,
                                                   budget, sinks, recent, policy, cam_window, seed,
-                                                  head_offset);
+                                                  head_offset, merge_target, merge_gate,
+                                                  merge_weights, merged);
   const int64_t rows = int64_t(p.cache.B) * p.cache.H;
   if (rows == 0 || p.cache.C == 0) return;
   WKV_DISPATCH_FLOAT_TYPES(keys.scalar_type(), "compress", [&] {

@@ -294,12 +294,67 @@ AccumulateParams prepare_accumulate(const at::Tensor& probs, const at::Tensor& s
   return p;
 }
 
+namespace {
+
+// compress's merge-rule options (merge.h): names, the gate's range, the combinations, and the
+// optional merged tensor [B, H, C] float32 (written in place); fills p's merge fields.
+void check_merge_options(const char* op, const at::Tensor& keys, const at::Tensor& values,
+                         const at::Tensor& scores, const at::Tensor& counts,
+                         const at::Tensor& last, const at::Tensor& slot_pos,
+                         c10::string_view target_name, double gate,
+                         c10::string_view weights_name, const std::optional<at::Tensor>& merged,
+                         CompressParams* p) {
+  const std::string target(target_name), weights(weights_name);
+  bool ok = false;
+  for (int i = 0; i < kNumMergeTargets && plain_name(target); ++i)
+    if (target == kMergeTargetNames[i]) { p->merge_target = static_cast<MergeTarget>(i); ok = true; }
+  TORCH_CHECK(ok, op, ": merge_target must be one of ",
+              quoted_names(kMergeTargetNames, kNumMergeTargets), ", got '", printable(target), "'");
+  ok = false;
+  for (int i = 0; i < kNumMergeWeightings && plain_name(weights); ++i)
+    if (weights == kMergeWeightingNames[i]) {
+      p->merge_weights = static_cast<MergeWeighting>(i);
+      ok = true;
+    }
+  TORCH_CHECK(ok, op, ": merge_weights must be one of ",
+              quoted_names(kMergeWeightingNames, kNumMergeWeightings), ", got '",
+              printable(weights), "'");
+  TORCH_CHECK(gate >= 0.0 && gate <= 1.0, op, ": merge_gate must be a key cosine in [0, 1] "
+              "(0 = no gate), got merge_gate=", gate);
+  p->merge_gate = static_cast<float>(gate);
+  const bool paper = p->merge_target == MergeTarget::Right && gate == 0.0 &&
+                     p->merge_weights == MergeWeighting::Average;
+  TORCH_CHECK(paper || p->policy == Policy::WeightedKV, op, ": merge_target='", target,
+              "', merge_gate=", gate, ", merge_weights='", weights, "' change weightedkv's merge "
+              "and apply only to policy='weightedkv', got policy='", kPolicyNames[int(p->policy)],
+              "'; leave them at 'right', 0, 'average'");
+  TORCH_CHECK(p->merge_weights != MergeWeighting::Mass || merged.has_value(), op,
+              ": merge_weights='mass' needs the merged tensor (the evicted tokens each slot has "
+              "absorbed, float32 [B, H, C], zeros for a new cache); pass merged=");
+  if (!merged.has_value()) return;
+  const at::Tensor& m = *merged;
+  check_tensor(op, "merged", m, {keys.size(0), keys.size(1), keys.size(2)}, "[B, H, C]",
+               at::kFloat);
+  check_device(op, keys, "keys", {{"merged", &m}});
+  check_no_aliasing(op,
+                    {{"keys", &keys}, {"values", &values}, {"scores", &scores},
+                     {"counts", &counts}, {"last", &last}, {"slot_pos", &slot_pos},
+                     {"merged", &m}},
+                    {});
+  p->merged = m.data_ptr<float>();
+  p->merged_st = st3(m);
+}
+
+}  // namespace
+
 CompressParams prepare_compress(const at::Tensor& keys, const at::Tensor& values,
                                 const at::Tensor& scores, const at::Tensor& counts,
                                 const at::Tensor& last, const at::Tensor& slot_pos,
                                 int64_t budget, int64_t sinks, int64_t recent,
                                 c10::string_view policy_name, int64_t cam_window, int64_t seed,
-                                int64_t head_offset) {
+                                int64_t head_offset, c10::string_view merge_target,
+                                double merge_gate, c10::string_view merge_weights,
+                                const std::optional<at::Tensor>& merged) {
   const char* op = "compress";
   const int64_t H = check_cache(op, keys, values, scores, counts, last, slot_pos)[1];
   TORCH_CHECK(sinks >= 0, op, ": sinks must be >= 0, got sinks=", sinks);
@@ -318,6 +373,8 @@ CompressParams prepare_compress(const at::Tensor& keys, const at::Tensor& values
   TORCH_CHECK(plain_name(policy) && parse_policy(policy.c_str(), &p.policy), op,
               ": policy must be one of ", quoted_names(kPolicyNames, kNumPolicies), ", got '",
               printable(policy), "'");
+  check_merge_options(op, keys, values, scores, counts, last, slot_pos, merge_target, merge_gate,
+                      merge_weights, merged, &p);
   check_cache_no_aliasing(op, keys, values, scores, counts, last, slot_pos, {});
   p.cache = make_cache(keys, values, scores, counts, last, slot_pos);
   p.budget = budget;

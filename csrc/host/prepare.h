@@ -33,7 +33,9 @@ CompressParams prepare_compress(const at::Tensor& keys, const at::Tensor& values
                                 const at::Tensor& last, const at::Tensor& slot_pos,
                                 int64_t budget, int64_t sinks, int64_t recent,
                                 c10::string_view policy, int64_t cam_window, int64_t seed,
-                                int64_t head_offset);
+                                int64_t head_offset, c10::string_view merge_target,
+                                double merge_gate, c10::string_view merge_weights,
+                                const std::optional<at::Tensor>& merged);
 
 // decode_attention (query/out [B, Hq, D], query_pos [B]) and block_attention (query/out
 // [B, Hq, Q, D], query_pos [B, Q]); out is caller-allocated (dtype of query) and written.

@@ -10,9 +10,12 @@
 //   merge_value(vj, vr, w): (w_j v_j + w_r v_r) / (w_j + w_r) for one element;
 //   weighted_merge_row<T>(vj, vr, D, stride): v_r <- merge over the D elements of one row;
 //   cam_probability(avg_j, mean_R): CaM's merge probability p in [0, 1];
-//   cam_add_row<T>(vj, vi, D, stride, m): v_i <- v_i + v_j / m.
+//   cam_add_row<T>(vj, vi, D, stride, m): v_i <- v_i + v_j / m;
+//   the merge-rule options (MergeTarget, MergeWeighting, key_cosine, similar_better,
+//     prefer_left, gate_passes, slot_weight): see the block at the end.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "common.h"
@@ -79,6 +82,80 @@ WKV_HOST_DEVICE inline void cam_add_row(const T* vj, T* vi, int64_t D, int64_t s
     const float add = wkv_div(to_float(vj[d * stride_j]), fm);
     vi[d * stride_i] = from_float<T>(wkv_add(to_float(vi[d * stride_i]), add));
   }
+}
+
+
+// ---- merge-rule options of weightedkv (docs/design.md, compress; issue #14) ------------------
+// merge_target: which held token receives v_j.
+//   right   (paper): the next held token in (position, slot) order;
+//   similar: of the two held neighbours (previous / next in that order) the one whose key has
+//            the larger cosine with k_j (ties and NaN go to the right one; a lone neighbour wins);
+//   nearest: the held token (any, sinks and recent included) whose key has the largest cosine
+//            with k_j (MergingPress-style; ties to the smaller (position, slot), NaN lowest).
+// merge_gate g in [0, 1]: 0 = off; g > 0: the merge happens only if cos(k_j, k_target) >= g,
+//   else j is simply dropped (CaM's gate; D2O's threshold without the EMA).
+// merge_weights: the two convex weights fed to merge_weights():
+//   average (paper): avg_j, avg_t;
+//   mass   (KeepKV-style): avg_i * (1 + merged_i), merged_i = the evicted tokens slot i already
+//          absorbed (transitively), so a slot that carries ten tokens weighs like eleven.
+// Every merge adds 1 + merged_j to merged_t (the instrumentation of cache.merge_stats()).
+enum class MergeTarget : int { Right = 0, Similar = 1, Nearest = 2 };
+enum class MergeWeighting : int { Average = 0, Mass = 1 };
+constexpr const char* kMergeTargetNames[] = {"right", "similar", "nearest"};
+constexpr int kNumMergeTargets = 3;
+constexpr const char* kMergeWeightingNames[] = {"average", "mass"};
+constexpr int kNumMergeWeightings = 2;
+
+WKV_HOST_DEVICE inline float wkv_sqrt(float x) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(x);
+#else
+  return std::sqrt(x);  // IEEE correctly rounded, like torch.sqrt on float32
+#endif
+}
+
+// cos(a, b) in float32: dot, |a|^2, |b|^2 summed in increasing d (no FMA), then
+// dot / (sqrt(|a|^2) * sqrt(|b|^2)); 0 when that denominator is not > 0.
+template <class T>
+WKV_HOST_DEVICE inline float key_cosine(const T* a, const T* b, int64_t D, int64_t stride_a,
+                                        int64_t stride_b) {
+  float dot = 0.0f, na = 0.0f, nb = 0.0f;
+  for (int64_t d = 0; d < D; ++d) {
+    const float x = to_float(a[d * stride_a]), y = to_float(b[d * stride_b]);
+    dot = wkv_add(dot, wkv_mul(x, y));
+    na = wkv_add(na, wkv_mul(x, x));
+    nb = wkv_add(nb, wkv_mul(y, y));
+  }
+  const float den = wkv_mul(wkv_sqrt(na), wkv_sqrt(nb));
+  return den > 0.0f ? wkv_div(dot, den) : 0.0f;
+}
+
+// "a is a better nearest target than b": larger cosine (NaN below every number), then the
+// smaller (position, slot). A strict total order over distinct slots.
+WKV_HOST_DEVICE inline bool similar_better(float ca, int64_t pa, int64_t sa, float cb, int64_t pb,
+                                           int64_t sb) {
+  const bool na = wkv_isnan(ca), nb = wkv_isnan(cb);
+  if (na != nb) return nb;
+  if (!na) {
+    if (ca > cb) return true;
+    if (cb > ca) return false;
+  }
+  return pa != pb ? pa < pb : sa < sb;
+}
+
+// "similar": take the previous neighbour only when its cosine is strictly larger.
+WKV_HOST_DEVICE inline bool prefer_left(float cos_left, float cos_right) {
+  return wkv_isnan(cos_right) ? !wkv_isnan(cos_left) : cos_left > cos_right;
+}
+
+// The gate: true when the merge goes ahead (gate 0 = off; NaN cosines never pass a gate).
+WKV_HOST_DEVICE inline bool gate_passes(float gate, float cos) {
+  return !(gate > 0.0f) || cos >= gate;
+}
+
+// The weight of slot i in merge_weights(): avg_i (paper) or avg_i * (1 + merged_i).
+WKV_HOST_DEVICE inline float slot_weight(MergeWeighting w, float avg, float merged) {
+  return w == MergeWeighting::Mass ? wkv_mul(avg, wkv_add(1.0f, merged)) : avg;
 }
 
 }  // namespace wkv

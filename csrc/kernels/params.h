@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "common.h"
+#include "merge.h"
 #include "policy.h"
 
 namespace wkv {
@@ -54,6 +55,12 @@ struct CompressParams {
   int64_t cam_window = 1;
   int64_t seed = 0;
   int64_t head_offset = 0;  // CaM's draw uses the global KV head head_offset + h (tensor parallel)
+  // weightedkv's merge rule (merge.h; the defaults are the paper's); merged [B,H,C] float32 or
+  // null: the evicted tokens each slot has absorbed (added to by merges, zeroed by drops).
+  MergeTarget merge_target = MergeTarget::Right;
+  float merge_gate = 0.0f;
+  MergeWeighting merge_weights = MergeWeighting::Average;
+  float* merged = nullptr; Stride3 merged_st{};
 };
 
 // decode_attention and block_attention: query/out [B, H*G, Q, D] (decode_attention: Q = 1, its

@@ -38,8 +38,8 @@ inline c10::TypedOperatorHandle<void(TR, TR, TR, TR, TR, TR, SV)>& accumulate_op
                       .typed<void(TR, TR, TR, TR, TR, TR, SV)>();
   return h;
 }
-using CompressSig =
-    void(TR, TR, TR, TR, TR, TR, int64_t, int64_t, int64_t, SV, int64_t, int64_t, int64_t);
+using CompressSig = void(TR, TR, TR, TR, TR, TR, int64_t, int64_t, int64_t, SV, int64_t,
+                         int64_t, int64_t, SV, double, SV, const std::optional<Tensor>&);
 inline c10::TypedOperatorHandle<CompressSig>& compress_op() {
   static auto h = c10::Dispatcher::singleton()
                       .findSchemaOrThrow("weightedkv::compress", "")
@@ -61,7 +61,7 @@ inline void append(State& st, TR nk, TR nv, TR npos) {
 inline void compress(State& st, int64_t budget, int64_t sinks, int64_t recent,
                      const std::string& policy, int64_t cam_window = 16, int64_t seed = 0) {
   compress_op().call(st.k, st.v, st.s, st.n, st.l, st.p, budget, sinks, recent, policy,
-                     cam_window, seed, /*head_offset=*/0);
+                     cam_window, seed, /*head_offset=*/0, "right", 0.0, "average", std::nullopt);
 }
 inline Tensor decode(TR q, State& st, TR qpos, double scale,
                      const std::string& reduce = "mean") {

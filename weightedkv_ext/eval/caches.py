@@ -52,9 +52,12 @@ def prepare(model):
 def cache_factory(policy: str, budget: int | None, sinks: int, recent: int | None,
                   chunk_size: int, cam_window: int = 16, seed: int = 0,
                   backend: str = "ops", group_reduce: str = "mean", prompt: str = "stream",
-                  prompt_window: int = 32, prompt_pool: int = 7) -> Callable[[], object]:
+                  prompt_window: int = 32, prompt_pool: int = 7,
+                  merge_rule: dict | None = None) -> Callable[[], object]:
     """A function returning a fresh, empty cache for one batch of windows. ``prompt``: one of
-    ``PROMPT_VARIANTS``; its prompt ends when the harness calls ``cache.end_prompt()``."""
+    ``PROMPT_VARIANTS``; its prompt ends when the harness calls ``cache.end_prompt()``.
+    ``merge_rule``: weightedkv's merge options (``merge_target``/``merge_gate``/
+    ``merge_weights``), applied to ``policy="weightedkv"`` only."""
     from ..cache import WeightedKVCache
 
     if policy == "full":
@@ -63,11 +66,13 @@ def cache_factory(policy: str, budget: int | None, sinks: int, recent: int | Non
     extra = dict(PROMPT_VARIANTS[variant])
     if extra:
         extra.update(prompt_window=prompt_window, prompt_pool=pool, prompt_end="manual")
+    rule = dict(merge_rule or {}) if policy == "weightedkv" else {}
 
     def make():
         return WeightedKVCache(budget, sinks=sinks, recent=recent, policy=policy,
                                chunk_size=chunk_size, cam_window=cam_window, seed=seed,
-                               group_reduce=group_reduce, backend=backend, **extra)
+                               group_reduce=group_reduce, backend=backend, **extra,
+                               **rule)
 
     make()  # validate the arguments now, not in the middle of a run
     return make

@@ -16,6 +16,7 @@ import platform
 import sys
 from pathlib import Path
 
+from ..policies import MERGE_RULE_DEFAULT, MERGE_TARGETS, MERGE_WEIGHTS
 from .caches import GROUP_REDUCES, POLICIES, PROMPT_VARIANTS, default_recent
 from .tasks import TASKS, TaskError, check_depths
 
@@ -175,6 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "memory and speed, results only by float rounding [%(default)s]")
     p.add_argument("--cam-window", type=_positive, default=16, help="CaM merge window [%(default)s]")
     p.add_argument("--seed", type=int, default=0, help="seed of CaM's random merges [%(default)s]")
+    p.add_argument("--merge-target", choices=MERGE_TARGETS, default="right",
+                   help="weightedkv's merge target: right neighbour (paper), the more key-similar "
+                        "neighbour, or the most key-similar held token [%(default)s]")
+    p.add_argument("--merge-gate", type=_fraction, default=0.0,
+                   help="weightedkv: merge only when the key cosine with the target is >= this, "
+                        "else evict (0 = no gate) [%(default)s]")
+    p.add_argument("--merge-weights", choices=MERGE_WEIGHTS, default="average",
+                   help="weightedkv's merge weights: the two average scores (paper) or each "
+                        "slot's average times the tokens it carries (mass) [%(default)s]")
+    p.add_argument("--merge-stats", action="store_true",
+                   help="kl: record per document how many evicted tokens the held slots absorbed "
+                        "(max and histogram over layers and KV heads; JSON fields merge_*)")
     p.add_argument("--group-reduce", choices=GROUP_REDUCES, default="mean",
                    help="how the query heads sharing one KV head (GQA) are combined into the score "
                         "of that KV head's tokens [%(default)s]")
@@ -229,6 +242,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                 parser.error(f"argument --prompt-window: budget {b} must exceed --sinks "
                              f"{args.sinks} + --prompt-window {args.prompt_window}")
     args.feed = -(-args.feed // args.chunk_size) * args.chunk_size
+    args.merge_rule = dict(merge_target=args.merge_target, merge_gate=args.merge_gate,
+                           merge_weights=args.merge_weights)
     args.parser = parser
     return args
 
@@ -322,6 +337,8 @@ def main(argv=None) -> int:
               "protocol": "sliding window W, stride W/2, empty cache per window; first window counts "
                           "all targets, later ones their last W/2; ppl = exp(sum NLL / tokens)",
               "datasets": {d.name: d.describe() for d in datasets}}
+    if args.merge_rule != MERGE_RULE_DEFAULT:  # weightedkv's merge rule (absent: the paper's)
+        config["merge_rule"] = args.merge_rule
     try:
         store = ResultStore(args.out, config, environment())
     except ResumeError as e:
@@ -349,7 +366,8 @@ def main(argv=None) -> int:
     try:
         run(model, datasets, cells, store, batch=args.batch, feed=args.feed,
             chunk_size=args.chunk_size, cam_window=args.cam_window, seed=args.seed,
-            backend=args.backend, group_reduce=args.group_reduce, run_record=record, progress=not args.no_progress)
+            backend=args.backend, group_reduce=args.group_reduce, run_record=record, progress=not args.no_progress,
+            merge_rule=args.merge_rule)
     except KeyboardInterrupt:
         status = 130
     store.save()

@@ -44,7 +44,8 @@ def plan(datasets: list[TokenDataset], contexts, policies, budgets, sinks, recen
 
 def run(model, datasets: list[TokenDataset], cells: list[Cell], store: ResultStore, *,
         batch: int, feed: int, chunk_size: int, cam_window: int, seed: int, backend: str = "ops",
-        group_reduce: str = "mean", run_record: dict, progress: bool = True) -> int:
+        group_reduce: str = "mean", run_record: dict, progress: bool = True,
+        merge_rule: dict | None = None) -> int:
     """Evaluate the cells missing from ``store``; returns the number run. KeyboardInterrupt leaves
     every finished cell saved and propagates."""
     from tqdm.auto import tqdm  # the eval extra, imported when a run starts
@@ -62,7 +63,7 @@ def run(model, datasets: list[TokenDataset], cells: list[Cell], store: ResultSto
         for cell in todo:
             bar.set_description(cell.label)
             make = cache_factory(cell.policy, cell.budget, cell.sinks or 0, cell.recent, chunk_size,
-                                 cam_window, seed, backend, group_reduce)
+                                 cam_window, seed, backend, group_reduce, merge_rule)
             ds = by_name[cell.dataset]
             t0 = time.perf_counter()
             tot = evaluate(model, ds.docs, cell.context, make, batch=batch, feed=feed,

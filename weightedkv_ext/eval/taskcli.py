@@ -15,6 +15,7 @@ def main_task(args, argv=None) -> int:
     from .cli import environment, load_model
     from .taskrun import Cell, ResumeError, TaskStore, plan, run_kl, run_retrieval
     from .tasks import NiahTask, PasskeyTask, TaskError
+    from ..policies import MERGE_RULE_DEFAULT
 
     parser = args.parser
     task = args.task
@@ -41,6 +42,8 @@ def main_task(args, argv=None) -> int:
               "group_reduce": args.group_reduce}
     if getattr(args, "prompt_modes", ["stream"]) != ["stream"]:
         config.update(prompt_window=args.prompt_window, prompt_pool=args.prompt_pool[0])
+    if args.merge_rule != MERGE_RULE_DEFAULT:  # weightedkv's merge rule (absent: the paper's)
+        config["merge_rule"] = args.merge_rule
     generators, datasets = {}, []
     if task == "passkey":
         generators["filler"] = PasskeyTask(tokenizer, seed=args.seed)
@@ -97,7 +100,8 @@ def main_task(args, argv=None) -> int:
             factories[key] = cache_factory(cell.policy, cell.budget, cell.sinks or 0, cell.recent,
                                            args.chunk_size, args.cam_window, args.seed,
                                            args.backend, args.group_reduce, cell.prompt,
-                                           args.prompt_window, args.prompt_pool[0])
+                                           args.prompt_window, args.prompt_pool[0],
+                                           args.merge_rule)
         return factories[key]()
 
     names = list(generators) if generators else [d.name for d in datasets]
@@ -120,7 +124,7 @@ def main_task(args, argv=None) -> int:
                     here = [c for c in cells if c.dataset == ds.name and c.length == length]
                     run_kl(model, ds, here, store, make_cache, full, length=length,
                            batch=args.batch, feed=args.feed, progress=not args.no_progress,
-                           run_record=record)
+                           run_record=record, merge_stats=args.merge_stats)
         else:
             record["depths"], record["samples"] = list(args.depths), args.samples
             for name, g in generators.items():

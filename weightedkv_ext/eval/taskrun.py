@@ -389,11 +389,16 @@ def kl_terms(logits_full: torch.Tensor, logits_policy: torch.Tensor):
 
 @torch.inference_mode()
 def run_kl(model, dataset, cells: list[Cell], store: TaskStore, make_cache, full_cache, *,
-           length: int, batch: int, feed: int, progress: bool = True, run_record: dict) -> None:
+           length: int, batch: int, feed: int, progress: bool = True, run_record: dict,
+           merge_stats: bool = False) -> None:
     """KL cells of one (dataset, length): documents in batches, full and policies in lockstep.
 
     ``dataset``: data.TokenDataset; documents shorter than ``length`` tokens are skipped (listed
-    in the config). ``full_cache()`` makes the reference full cache.
+    in the config). ``full_cache()`` makes the reference full cache. Each document's result also
+    holds ``nll`` / ``nll_full`` (summed next-token NLL of the policy / the full cache over the
+    ``targets = length - 1`` predictions: perplexity = exp(nll / targets)) and, with
+    ``merge_stats``, ``merge_max`` / ``merge_hist`` (``WeightedKVCache.merge_stats`` at the end,
+    max and histogram over layers and KV heads).
     """
     from tqdm.auto import tqdm
 
@@ -421,9 +426,18 @@ def run_kl(model, dataset, cells: list[Cell], store: TaskStore, make_cache, full
             sums = {c.key: torch.zeros(len(group), dtype=torch.float64) for c in run}
             agree = {c.key: torch.zeros(len(group), dtype=torch.int64) for c in run}
             secs = {c.key: 0.0 for c in run}
+            nll = {c.key: torch.zeros(len(group), dtype=torch.float64) for c in run}
+            nll_full = torch.zeros(len(group), dtype=torch.float64)
+
+            def nll_of(logits, s):  # next-token NLL summed per row (targets inside the document)
+                tgt = ids[:, s + 1:s + 1 + logits.shape[1]]
+                lg = logits[:, :tgt.shape[1]].float()
+                return F.cross_entropy(lg.transpose(1, 2), tgt, reduction="none").sum(1).double()
+
             for s in range(0, length, feed):
                 chunk = ids[:, s:s + feed]
                 ref_logits = model(input_ids=chunk, **ref.as_kwargs(), use_cache=True).logits
+                nll_full += nll_of(ref_logits, s).cpu()
                 bar.update(chunk.numel())
                 for c in run:
                     t0 = time.perf_counter()
@@ -432,16 +446,22 @@ def run_kl(model, dataset, cells: list[Cell], store: TaskStore, make_cache, full
                     kl, ag = kl_terms(ref_logits, logits)
                     sums[c.key] += kl.sum(1).cpu()
                     agree[c.key] += ag.sum(1).cpu()
+                    nll[c.key] += nll_of(logits, s).cpu()
                     secs[c.key] += time.perf_counter() - t0
                     del logits
                     bar.update(chunk.numel())
                 del ref_logits
             for c in run:
                 rec = store.cell(c)
+                stats = caches[c.key].merge_stats() if merge_stats else None
                 for r, n in enumerate(names):
                     rec["results"][n] = {"kl": float(sums[c.key][r] / length),
                                          "agree": int(agree[c.key][r]) / length,
-                                         "positions": length}
+                                         "positions": length, "nll": float(nll[c.key][r]),
+                                         "nll_full": float(nll_full[r]), "targets": length - 1}
+                    if stats is not None and stats["max"].numel():
+                        rec["results"][n]["merge_max"] = int(stats["max"][:, r].max())
+                        rec["results"][n]["merge_hist"] = stats["hist"][:, r].sum((0, 1)).tolist()
                 rec["seconds"] = round(rec["seconds"] + secs[c.key], 3)
                 rec["complete"] = not pending(c)
             run_record["seconds"] = round(run_record.get("seconds", 0.0)
