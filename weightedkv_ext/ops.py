@@ -189,9 +189,13 @@ def _accumulate_fake(probs, slot_pos, query_pos, scores, counts, last, group_red
 
 @torch.library.register_fake("weightedkv::compress")
 def _compress_fake(keys, values, scores, counts, last, slot_pos, budget, sinks, recent, policy,
-                   cam_window=16, seed=0, head_offset=0):
-    _one_device("compress", keys=keys, values=values, scores=scores, counts=counts, last=last,
-                slot_pos=slot_pos)
+                   cam_window=16, seed=0, head_offset=0, merge_target="right", merge_gate=0.0,
+                   merge_weights="average", merged=None):
+    tensors = dict(keys=keys, values=values, scores=scores, counts=counts, last=last,
+                   slot_pos=slot_pos)
+    if merged is not None:
+        tensors["merged"] = merged
+    _one_device("compress", **tensors)
     return None
 
 
