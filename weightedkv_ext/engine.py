@@ -74,7 +74,7 @@ class KVEngine:
                  window=0, softcap=0.0, sink_logits=None, head_offset=0, name="KVEngine",
                  reset_hint="engine.reset()", merge_target="right", merge_gate=0.0,
                  merge_weights="average", prompt_mode="stream", prompt_window=32,
-                 prompt_pool=7, prompt_budget=None, prompt_merge=False,
+                 prompt_pool=15, prompt_budget=None, prompt_merge=False,
                  prompt_end="first_forward"):
         self.name, self.reset_hint = name, reset_hint
         self.budget, self.sinks, self.recent = policies.resolve(name, policy, budget, sinks,

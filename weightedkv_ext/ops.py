@@ -138,7 +138,7 @@ def block_attention(query: Tensor, keys: Tensor, values: Tensor, slot_pos: Tenso
 
 
 def snap_compress(keys: Tensor, values: Tensor, scores: Tensor, counts: Tensor, last: Tensor,
-                  slot_pos: Tensor, budget: int, sinks: int, recent: int, pool: int = 7,
+                  slot_pos: Tensor, budget: int, sinks: int, recent: int, pool: int = 15,
                   merge: bool = False, *, kept: Tensor | None = None) -> Tensor:
     """The prompt-end step of the ``snapkv`` prompt mode: compress every (b, h) to ``budget``
     held tokens at once (in place), ranked by ``scores`` (the window's attention sums).

@@ -35,7 +35,7 @@ from . import policies
 PROMPT_MODES = ("stream", "snapkv")
 PROMPT_ENDS = ("first_forward", "manual")
 # name -> default (the engine's and WeightedKVCache's keyword arguments, in this order)
-OPTIONS = dict(prompt_mode="stream", prompt_window=32, prompt_pool=7, prompt_budget=None,
+OPTIONS = dict(prompt_mode="stream", prompt_window=32, prompt_pool=15, prompt_budget=None,
                prompt_merge=False, prompt_end="first_forward")
 PAPER = "Li et al., SnapKV: LLM Knows What You are Looking for Before Generation, NeurIPS 2024 " \
         "(arXiv 2404.14469)"

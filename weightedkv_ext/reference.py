@@ -645,7 +645,7 @@ def _snap_merge(values_bh: Tensor, avg: Tensor, run: list[int], r: int) -> None:
     _store(values_bh[r], acc / s)
 
 
-def snap_compress(keys, values, scores, counts, last, slot_pos, budget, sinks, recent, pool=7,
+def snap_compress(keys, values, scores, counts, last, slot_pos, budget, sinks, recent, pool=15,
                   merge=False, *, kept=None) -> Tensor:
     """Compress every (b, h) to ``budget`` at once by the pooled ``scores`` (docs/design.md,
     snap_compress); returns ``kept`` [B, H, C] (held slots in position order, then -1)."""

@@ -51,8 +51,8 @@ def prepare(model):
 
 def cache_factory(policy: str, budget: int | None, sinks: int, recent: int | None,
                   chunk_size: int, cam_window: int = 16, seed: int = 0,
-                  backend: str = "ops", group_reduce: str = "mean", prompt: str = "stream",
-                  prompt_window: int = 32, prompt_pool: int = 7,
+                  backend: str = "ops", group_reduce: str = "mean", *, prompt: str = "stream",
+                  prompt_window: int = 32, prompt_pool: int = 15,
                   merge_rule: dict | None = None) -> Callable[[], object]:
     """A function returning a fresh, empty cache for one batch of windows. ``prompt``: one of
     ``PROMPT_VARIANTS``; its prompt ends when the harness calls ``cache.end_prompt()``.

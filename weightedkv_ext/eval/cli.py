@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from ..policies import MERGE_RULE_DEFAULT, MERGE_TARGETS, MERGE_WEIGHTS
+from ..prompt import OPTIONS as PROMPT_OPTIONS
 from .caches import GROUP_REDUCES, POLICIES, PROMPT_VARIANTS, default_recent
 from .tasks import TASKS, TaskError, check_depths
 
@@ -161,9 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "values merged into their kept neighbours) [stream]")
     p.add_argument("--prompt-window", type=_positive, default=32,
                    help="snapkv: observation window (last prompt tokens) [%(default)s]")
-    p.add_argument("--prompt-pool", type=_pools, default=[7],
+    p.add_argument("--prompt-pool", type=_pools, default=[PROMPT_OPTIONS["prompt_pool"]],
                    help="snapkv: comma-separated pooling kernels over the window scores (odd); "
-                        "each one after the first adds cells named <mode>_p<pool> [7]")
+                        "each one after the first adds cells named <mode>_p<pool> "
+                        f"[{PROMPT_OPTIONS['prompt_pool']}]")
     p.add_argument("--chunk-size", type=_positive, default=1,
                    help="tokens appended between compressions [1 = paper setting; others are labelled]")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype [%(default)s]")

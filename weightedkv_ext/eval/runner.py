@@ -63,7 +63,8 @@ def run(model, datasets: list[TokenDataset], cells: list[Cell], store: ResultSto
         for cell in todo:
             bar.set_description(cell.label)
             make = cache_factory(cell.policy, cell.budget, cell.sinks or 0, cell.recent, chunk_size,
-                                 cam_window, seed, backend, group_reduce, merge_rule)
+                                 cam_window, seed, backend, group_reduce,
+                                 merge_rule=merge_rule)
             ds = by_name[cell.dataset]
             t0 = time.perf_counter()
             tot = evaluate(model, ds.docs, cell.context, make, batch=batch, feed=feed,

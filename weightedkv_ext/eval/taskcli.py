@@ -99,9 +99,10 @@ def main_task(args, argv=None) -> int:
         if key not in factories:
             factories[key] = cache_factory(cell.policy, cell.budget, cell.sinks or 0, cell.recent,
                                            args.chunk_size, args.cam_window, args.seed,
-                                           args.backend, args.group_reduce, cell.prompt,
-                                           args.prompt_window, args.prompt_pool[0],
-                                           args.merge_rule)
+                                           args.backend, args.group_reduce,
+                                           prompt=cell.prompt, prompt_window=args.prompt_window,
+                                           prompt_pool=args.prompt_pool[0],
+                                           merge_rule=args.merge_rule)
         return factories[key]()
 
     names = list(generators) if generators else [d.name for d in datasets]
