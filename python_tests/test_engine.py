@@ -317,3 +317,26 @@ def test_engine_and_cache_deep_copy_and_pickle_mid_stream():
         with torch.no_grad():
             assert torch.equal(model(nxt, **c.as_kwargs()).logits,
                                model(nxt, **copy.deepcopy(cache).as_kwargs()).logits)
+
+
+@pytest.mark.parametrize("prompt_mode", ["stream", "snapkv"])
+def test_dropped_cache_is_freed_without_the_cyclic_gc(prompt_mode):
+    """A cache must not be a reference cycle: one cache per request (or per eval cell) would hold
+    its storage until the cyclic GC ran (the retrieval eval grew to 5 GB per process)."""
+    import gc
+    import weakref
+    model = tiny_llama().requires_grad_(False)
+    gc.collect()
+    gc.disable()
+    try:
+        cache = weightedkv_ext.WeightedKVCache(8, sinks=1, recent=2, chunk_size=4,
+                                               prompt_mode=prompt_mode, prompt_window=4)
+        with torch.no_grad():
+            model(torch.randint(3, 128, (1, 11)), **cache.as_kwargs())
+            model(torch.tensor([[7]]), **cache.as_kwargs())
+        alive = weakref.ref(cache)
+        engine = weakref.ref(cache.layers[0].engine)
+        del cache
+        assert alive() is None and engine() is None
+    finally:
+        gc.enable()

@@ -53,12 +53,12 @@ class WeightedKVLayer(CacheLayerMixin):
 
     def __init__(self, cache: "WeightedKVCache", layer_idx: int):  # noqa: D107
         # CacheLayerMixin.__init__ is not called: keys/values/is_initialized are the engine's.
-        self.cache = cache
+        # No reference back to ``cache``: a layer -> cache edge would make every cache a
+        # reference cycle, freed only by the cyclic GC (gigabytes held per dropped cache).
         self.layer_idx = layer_idx
         self.engine = KVEngine(**{a: getattr(cache, a) for a in _ENGINE_ARGS},
                                name=f"WeightedKVCache: layer {layer_idx}",
                                reset_hint="cache.reset()")
-        self.engine.ops_source = cache  # the cache's op module (benchmarks time it via cache.ops)
         self.seen = 0
         self.pending = False  # True between update() and the attention function consuming it
         self.columns = None  # layer 0 only: bool [B, seen], which cached columns were real

@@ -109,7 +109,6 @@ class KVEngine:
         (self.prompt_mode, self.prompt_window, self.prompt_pool, self.prompt_budget,
          self.prompt_merge, self.prompt_end) = (prompt_mode, self.prompt.window, self.prompt.pool,
                                                 self.prompt.budget, prompt_merge, prompt_end)
-        self.ops_source = None  # an object whose .ops is the op module (the transformers cache)
         self._ops_override = None
         self.reset()
 
@@ -119,8 +118,6 @@ class KVEngine:
         the engine pickles and deep-copies)."""
         if self._ops_override is not None:
             return self._ops_override
-        if self.ops_source is not None:
-            return self.ops_source.ops
         return importlib.import_module(f".{self.backend}", __package__)
 
     @ops.setter
