@@ -261,6 +261,26 @@ def test_option_errors_name_the_option(kwargs, match):
 def test_cache_rejects_unknown_prompt_options():
     with pytest.raises(TypeError, match="prompt_windows"):
         weightedkv_ext.WeightedKVCache(32, prompt_windows=4)
+    with pytest.raises(TypeError, match="^KVEngine: unexpected keyword argument 'prompt_windows'"):
+        KVEngine(32, prompt_windows=4)
+
+
+def test_defaults_are_prompt_options():
+    """prompt.OPTIONS is the one table of defaults: the engine's, the op's and the harness's read
+    it; the reference keeps its deliberate copy, which must equal it."""
+    import inspect
+
+    from weightedkv_ext.eval.caches import cache_factory
+
+    e = KVEngine(64)
+    assert {k: getattr(e, k) for k in prompt.OPTIONS} == prompt.OPTIONS
+    for fn in (ops.snap_compress, ref.snap_compress):
+        sig = inspect.signature(fn).parameters
+        assert (sig["pool"].default, sig["merge"].default) == \
+            (prompt.OPTIONS["prompt_pool"], prompt.OPTIONS["prompt_merge"]), fn
+    sig = inspect.signature(cache_factory).parameters
+    assert sig["prompt_pool"].default == prompt.OPTIONS["prompt_pool"]
+    assert sig["prompt_window"].default == prompt.OPTIONS["prompt_window"]
 
 
 def test_stream_mode_is_the_default_and_unchanged():

@@ -6,6 +6,7 @@ from typing import Callable
 # Policies (canonical table order, the paper's names), the default-recent rule and the GQA score
 # reductions come from the one registry, weightedkv_ext/policies.py (re-exported for the CLI).
 from ..policies import DISPLAY, GROUP_REDUCES, POLICIES, default_recent  # noqa: F401
+from ..prompt import OPTIONS as PROMPT_OPTIONS
 
 # The harness's prompt variants -> the cache's prompt options (weightedkv_ext/prompt.py).
 PROMPT_VARIANTS = {
@@ -52,7 +53,8 @@ def prepare(model):
 def cache_factory(policy: str, budget: int | None, sinks: int, recent: int | None,
                   chunk_size: int, cam_window: int = 16, seed: int = 0,
                   backend: str = "ops", group_reduce: str = "mean", *, prompt: str = "stream",
-                  prompt_window: int = 32, prompt_pool: int = 15,
+                  prompt_window: int = PROMPT_OPTIONS["prompt_window"],
+                  prompt_pool: int = PROMPT_OPTIONS["prompt_pool"],
                   merge_rule: dict | None = None) -> Callable[[], object]:
     """A function returning a fresh, empty cache for one batch of windows. ``prompt``: one of
     ``PROMPT_VARIANTS``; its prompt ends when the harness calls ``cache.end_prompt()``.

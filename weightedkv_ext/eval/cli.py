@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "prompt streams in; snapkv: held, then compressed once by the attention "
                         "of its last --prompt-window tokens; snapkv_merge: the same, dropped "
                         "values merged into their kept neighbours) [stream]")
-    p.add_argument("--prompt-window", type=_positive, default=32,
+    p.add_argument("--prompt-window", type=_positive, default=PROMPT_OPTIONS["prompt_window"],
                    help="snapkv: observation window (last prompt tokens) [%(default)s]")
     p.add_argument("--prompt-pool", type=_pools, default=[PROMPT_OPTIONS["prompt_pool"]],
                    help="snapkv: comma-separated pooling kernels over the window scores (odd); "

@@ -16,6 +16,7 @@ def main_task(args, argv=None) -> int:
     from .taskrun import Cell, ResumeError, TaskStore, plan, run_kl, run_retrieval
     from .tasks import NiahTask, PasskeyTask, TaskError
     from ..policies import MERGE_RULE_DEFAULT
+    from ..prompt import OPTIONS as PROMPT_OPTIONS
 
     parser = args.parser
     task = args.task
@@ -106,7 +107,7 @@ def main_task(args, argv=None) -> int:
         return factories[key]()
 
     names = list(generators) if generators else [d.name for d in datasets]
-    pools = getattr(args, "prompt_pool", [7])
+    pools = getattr(args, "prompt_pool", [PROMPT_OPTIONS["prompt_pool"]])
     prompts = [prompt_name(v, p, pools[0]) for v in getattr(args, "prompt_modes", ["stream"])
                for p in (pools if v != "stream" else pools[:1])]
     cells = plan(task_name, names, args.lengths, args.policies, args.budgets, args.sinks, recent_of,
