@@ -8,7 +8,9 @@
 //   snap_before(ka, ra, kb, rb): the keep order: higher pooled score first, then lower rank
 //     (NaN sorts lowest);
 //   snap_merge_run<T>(c, b, h, order, r0, r): the values of the dropped ranks [r0, r) merged into
-//     kept rank r, weighted by their average window attention (scores / counts).
+//     kept rank r, weighted by their average window attention (scores / counts);
+//   snap_drop(c, b, h, slot): a dropped token leaves its slot (slot_pos -1, statistics 0);
+//   snap_write_kept(p, b, h, order, keep, L): the row's kept list (the output `kept`).
 #pragma once
 
 #include <cstdint>
@@ -75,6 +77,23 @@ WKV_HOST_DEVICE inline void snap_merge_run(const CacheParams& c, int64_t b, int6
     }
     out[d * vs] = from_float<T>(wkv_div(acc, s));
   }
+}
+
+WKV_HOST_DEVICE inline void snap_drop(const CacheParams& c, int64_t b, int64_t h, int64_t slot) {
+  c.slot_pos[off(c.pos_st, b, h, slot)] = -1;
+  c.scores[off(c.scores_st, b, h, slot)] = 0.0f;
+  c.counts[off(c.counts_st, b, h, slot)] = 0.0f;
+  c.last[off(c.last_st, b, h, slot)] = 0.0f;
+}
+
+// kept[b, h, t] = the slot of the t-th kept rank (keep[k] != 0, k < L), then -1 up to C.
+template <class Flag>
+WKV_HOST_DEVICE inline void snap_write_kept(const SnapParams& p, int64_t b, int64_t h,
+                                            const int64_t* order, const Flag* keep, int64_t L) {
+  int64_t t = 0;
+  for (int64_t k = 0; k < L; ++k)
+    if (keep[k]) p.kept[off(p.kept_st, b, h, t++)] = order[k];
+  for (; t < p.cache.C; ++t) p.kept[off(p.kept_st, b, h, t)] = -1;
 }
 
 }  // namespace wkv
