@@ -82,11 +82,8 @@ class KVEngine:
         self.merge_rule = policies.check_merge_rule(name, policy, merge_target, merge_gate,
                                                     merge_weights)
         self.merge_target, self.merge_gate, self.merge_weights = self.merge_rule.values()
-        if backend not in BACKENDS:
-            raise ValueError(f"{name}: backend must be one of {BACKENDS}, got backend={backend!r}")
-        if group_reduce not in policies.GROUP_REDUCES:
-            raise ValueError(f"{name}: group_reduce must be one of {policies.GROUP_REDUCES}, "
-                             f"got group_reduce={group_reduce!r}")
+        policies.check_choice(name, "backend", backend, BACKENDS)
+        policies.check_choice(name, "group_reduce", group_reduce, policies.GROUP_REDUCES)
         self.chunk_size = _index(name, "chunk_size", chunk_size, 1)
         self.cam_window = _index(name, "cam_window", cam_window, 1)
         if isinstance(seed, bool) or not hasattr(seed, "__index__"):

@@ -570,6 +570,16 @@ def _compress_one(values_bh, scores_bh, counts_bh, last_bh, slot_pos_bh, b, h, b
         _drop(scores_bh, counts_bh, last_bh, slot_pos_bh, j, merged_bh)
 
 
+def _check_budget(op, budget, sinks, recent, recent_note=""):
+    if sinks < 0:
+        _fail(op, f"sinks must be >= 0, got sinks={sinks}")
+    if recent < 0:
+        _fail(op, f"recent must be >= 0{recent_note}, got recent={recent}")
+    if budget <= sinks + recent:
+        _fail(op, f"budget must exceed sinks + recent, got budget={budget}, sinks={sinks}, "
+                  f"recent={recent}")
+
+
 def compress(keys, values, scores, counts, last, slot_pos, budget, sinks, recent, policy,
              cam_window=16, seed=0, head_offset=0, *, merge_target="right", merge_gate=0.0,
              merge_weights="average", merged=None) -> None:
@@ -578,13 +588,7 @@ def compress(keys, values, scores, counts, last, slot_pos, budget, sinks, recent
     options and ``merged`` (float32 [B, H, C], updated in place) as in ``ops.compress``."""
     op = "compress"
     _check_state(op, keys, values, scores, counts, last, slot_pos)
-    if sinks < 0:
-        _fail(op, f"sinks must be >= 0, got sinks={sinks}")
-    if recent < 0:
-        _fail(op, f"recent must be >= 0, got recent={recent}")
-    if budget <= sinks + recent:
-        _fail(op, f"budget must exceed sinks + recent, got budget={budget}, sinks={sinks}, "
-                  f"recent={recent}")
+    _check_budget(op, budget, sinks, recent)
     if cam_window < 1:
         _fail(op, f"cam_window must be >= 1, got cam_window={cam_window}")
     if head_offset < 0:
@@ -648,13 +652,7 @@ def snap_compress(keys, values, scores, counts, last, slot_pos, budget, sinks, r
     snap_compress); returns ``kept`` [B, H, C] (held slots in position order, then -1)."""
     op = "snap_compress"
     _check_state(op, keys, values, scores, counts, last, slot_pos)
-    if sinks < 0:
-        _fail(op, f"sinks must be >= 0, got sinks={sinks}")
-    if recent < 0:
-        _fail(op, f"recent must be >= 0 (the observation window kept), got recent={recent}")
-    if budget <= sinks + recent:
-        _fail(op, f"budget must exceed sinks + recent, got budget={budget}, sinks={sinks}, "
-                  f"recent={recent}")
+    _check_budget(op, budget, sinks, recent, " (the observation window kept)")
     if pool < 1 or pool % 2 == 0:
         _fail(op, f"pool must be an odd int >= 1 (the pooling kernel, centred; 1 = no pooling), "
                   f"got pool={pool}")
