@@ -12,7 +12,7 @@ device or when the extension was built without the CUDA kernels.
 import pytest
 import torch
 
-from helpers import DTYPE_IDS, DTYPES, assert_states_equal, compiled_ops, layout, random_state, ref
+from helpers import DTYPE_IDS, DTYPES, assert_states_equal, layout, random_state, ref
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device (torch.cuda.is_available() is False)")
@@ -23,16 +23,6 @@ from test_cuda_ops import OUT_TOL, STAT_TOL  # noqa: E402
 # The shape the issue names: G*C float32 logits alone are 64 KiB (block kernel: shared memory
 # above 48 KiB, opt-in), compress's per-row working set 13*C bytes = 52 KiB.
 BIG = dict(B=2, H=2, G=4, C=4097, D=128)
-
-
-@pytest.fixture(scope="module")
-def ops():
-    ops = compiled_ops()
-    from weightedkv_ext import _loader
-    if not _loader.cuda_built():
-        pytest.skip("weightedkv_ext was built without the CUDA kernels (rebuild with a GPU "
-                    "visible or FORCE_CUDA=1, e.g. scripts/gpu_check.sh)")
-    return ops
 
 
 def misaligned(t: torch.Tensor) -> torch.Tensor:
@@ -88,22 +78,22 @@ def run_cpu_cuda(ops, name, args, kwargs=None, make=lambda t: t.clone(), device=
 @pytest.mark.parametrize("name,Q", [("decode_attention", None), ("block_attention", 1),
                                     ("block_attention", 3)])
 @pytest.mark.parametrize("dtype", [torch.float16], ids=["fp16"])
-def test_attention_big_shape(ops, dtype, name, Q):
+def test_attention_big_shape(cuda_ops, dtype, name, Q):
     args = attention_args(**BIG, dtype=dtype, Q=Q, seed=40)
-    (got, out), (want, out_want) = run_cpu_cuda(ops, name, args)
+    (got, out), (want, out_want) = run_cpu_cuda(cuda_ops, name, args)
     check_attention(got, out, want, out_want, dtype)
 
 
 @pytest.mark.parametrize("policy", ["weightedkv", "h2o", "cam", "streaming"])
-def test_compress_big_shape(ops, policy):
+def test_compress_big_shape(cuda_ops, policy):
     B, H, C, D = BIG["B"], BIG["H"], BIG["C"], BIG["D"]
     budget, k = 4000, 60
     st = random_state(B, H, C, D, torch.float16, held=lambda b, h: budget + k - 20 * (b + h),
                       seed=41)
     args = [*st, budget, 4, 64, policy]
     a_cpu, a_cuda = on("cpu", args), on("cuda", args)
-    ops.compress(*a_cpu, cam_window=16, seed=3)
-    ops.compress(*a_cuda, cam_window=16, seed=3)
+    cuda_ops.compress(*a_cpu, cam_window=16, seed=3)
+    cuda_ops.compress(*a_cuda, cam_window=16, seed=3)
     assert_states_equal([t.cpu() for t in a_cuda[:6]], a_cpu[:6])
     want = on("cpu", args)
     ref.compress(*want, cam_window=16, seed=3)
@@ -114,15 +104,15 @@ def test_compress_big_shape(ops, policy):
 # global-workspace fallback and the split decode kernel
 
 
-def test_block_attention_single_query_workspace(ops):
+def test_block_attention_single_query_workspace(cuda_ops):
     """block_attention with Q = 1 and G*C beyond shared memory (global workspace), equal to the
     split decode kernel within tolerance and to the CPU kernel."""
     args = attention_args(1, 2, 16, 4000, 128, torch.bfloat16, Q=1, seed=42)
-    (got, out), (want, out_want) = run_cpu_cuda(ops, "block_attention", args)
+    (got, out), (want, out_want) = run_cpu_cuda(cuda_ops, "block_attention", args)
     check_attention(got, out, want, out_want, torch.bfloat16)
     dec = [args[0][:, :, 0], *args[1:4], args[4][:, 0], *args[5:]]
     a = on("cuda", dec)
-    out_dec = ops.decode_attention(*a)
+    out_dec = cuda_ops.decode_attention(*a)
     torch.testing.assert_close(out_dec.cpu(), out[:, :, 0].cpu(), **OUT_TOL[torch.bfloat16])
     torch.testing.assert_close(a[5].cpu(), got[5].cpu(), **STAT_TOL)
 
@@ -130,7 +120,7 @@ def test_block_attention_single_query_workspace(ops):
 @pytest.mark.parametrize("B,H,C", [(1, 1, 100000), (1, 2, 4097), (64, 16, 300), (3, 2, 700)],
                          ids=["c100k", "b1", "many-rows", "mid"])
 @pytest.mark.parametrize("reduce", ["mean", "sum", "max"])
-def test_decode_split_counts(ops, B, H, C, reduce):
+def test_decode_split_counts(cuda_ops, B, H, C, reduce):
     """From one split per row (many rows, short rows) to a hundred (one long row): the combine of
     the splits equals the CPU kernel; a padding row and a row that sees nothing included."""
     G, D = 4, 64
@@ -140,14 +130,14 @@ def test_decode_split_counts(ops, B, H, C, reduce):
         qpos[1] = -1  # padding row
         qpos[2] = 0 if C > 0 else -1  # sees at most one slot (its position 0, if held)
     args = attention_args(B, H, G, C, D, torch.float32, held=held, seed=43, qpos=qpos)
-    (got, out), (want, out_want) = run_cpu_cuda(ops, "decode_attention", args,
+    (got, out), (want, out_want) = run_cpu_cuda(cuda_ops, "decode_attention", args,
                                                 dict(group_reduce=reduce))
     check_attention(got, out, want, out_want, torch.float32)
 
 
 @pytest.mark.parametrize("window,softcap,with_sinks", [(0, 0.0, True), (300, 0.0, False),
                                                        (40, 1.5, True), (0, 2.0, False)])
-def test_decode_split_features(ops, window, softcap, with_sinks):
+def test_decode_split_features(cuda_ops, window, softcap, with_sinks):
     """window / softcap / sinks with many splits: most splits see nothing under a short window,
     the sink joins the normaliser once (not once per split)."""
     B, H, G, C, D = 2, 2, 3, 3000, 64
@@ -156,25 +146,25 @@ def test_decode_split_features(ops, window, softcap, with_sinks):
     sinks = torch.randn(H * G, generator=g) * 3 if with_sinks else None
     kw = dict(window=window, softcap=softcap)
     a_cpu = on("cpu", args)
-    out_cpu = ops.decode_attention(*a_cpu, **kw, sinks=sinks)
+    out_cpu = cuda_ops.decode_attention(*a_cpu, **kw, sinks=sinks)
     a_ref = on("cpu", args)
     out_ref = ref.decode_attention(*a_ref, **kw, sinks=sinks)
     a = on("cuda", args)
-    out = ops.decode_attention(*a, **kw, sinks=None if sinks is None else sinks.cuda())
+    out = cuda_ops.decode_attention(*a, **kw, sinks=None if sinks is None else sinks.cuda())
     check_attention(a, out, a_cpu, out_cpu, torch.float32)
     check_attention(a, out, a_ref, out_ref, torch.float32)
     # deterministic: a second run gives the same bits
     a2 = on("cuda", args)
-    out2 = ops.decode_attention(*a2, **kw, sinks=None if sinks is None else sinks.cuda())
+    out2 = cuda_ops.decode_attention(*a2, **kw, sinks=None if sinks is None else sinks.cuda())
     assert torch.equal(out2, out)
     for x, y in zip(a2[:8], a[:8]):
         assert torch.equal(x, y)
 
 
-def test_decode_many_query_heads_big_shared_memory(ops):
+def test_decode_many_query_heads_big_shared_memory(cuda_ops):
     """G*D float32 queries above 48 KiB (G=56, D=256): the split kernel's opt-in path."""
     args = attention_args(1, 2, 56, 500, 256, torch.float16, seed=46)
-    (got, out), (want, out_want) = run_cpu_cuda(ops, "decode_attention", args)
+    (got, out), (want, out_want) = run_cpu_cuda(cuda_ops, "decode_attention", args)
     check_attention(got, out, want, out_want, torch.float16)
 
 
@@ -185,10 +175,10 @@ def test_decode_many_query_heads_big_shared_memory(ops):
 @pytest.mark.parametrize("name,Q", [("decode_attention", None), ("block_attention", 2)])
 @pytest.mark.parametrize("how", ["strided", "misaligned"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_attention_d256_unaligned(ops, dtype, how, name, Q):
+def test_attention_d256_unaligned(cuda_ops, dtype, how, name, Q):
     args = attention_args(2, 2, 2, 300, 256, dtype, Q=Q, seed=47)
     make = (lambda t: layout(t, True)) if how == "strided" else misaligned
-    (got, out), (want, out_want) = run_cpu_cuda(ops, name, args, make=make)
+    (got, out), (want, out_want) = run_cpu_cuda(cuda_ops, name, args, make=make)
     check_attention(got, out, want, out_want, dtype)
 
 
@@ -196,14 +186,14 @@ def test_attention_d256_unaligned(ops, dtype, how, name, Q):
 # streams and devices
 
 
-def test_ops_follow_the_current_stream(ops):
+def test_ops_follow_the_current_stream(cuda_ops):
     """Inputs completed on a side stream behind a long sleep, then the ops on that stream: an op
     launched on any other stream would read the zeros written before."""
     args = attention_args(2, 2, 4, 1000, 128, torch.float16, seed=48)
-    (_, _), (want, out_want) = run_cpu_cuda(ops, "decode_attention", args)
+    (_, _), (want, out_want) = run_cpu_cuda(cuda_ops, "decode_attention", args)
     st = random_state(2, 2, 4097, 128, torch.float16, held=4097, seed=49)
     c_want = on("cpu", list(st))
-    ops.compress(*c_want, 4000, 4, 64, "weightedkv")
+    cuda_ops.compress(*c_want, 4000, 4, 64, "weightedkv")
     a, c = on("cuda", args), on("cuda", list(st))
     query, scores = a[0].clone(), c[2].clone()
     a[0].zero_()
@@ -214,8 +204,8 @@ def test_ops_follow_the_current_stream(ops):
         torch.cuda._sleep(100_000_000)  # ~50 ms of GPU time
         a[0].copy_(query)
         c[2].copy_(scores)
-        out = ops.decode_attention(*a)
-        ops.compress(*c, 4000, 4, 64, "weightedkv")
+        out = cuda_ops.decode_attention(*a)
+        cuda_ops.compress(*c, 4000, 4, 64, "weightedkv")
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     check_attention(a, out, want, out_want, torch.float16)
@@ -225,14 +215,14 @@ def test_ops_follow_the_current_stream(ops):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 @pytest.mark.parametrize("name", ["decode_attention", "block_attention", "compress", "append",
                                   "accumulate"])
-def test_ops_on_second_device(ops, name):
+def test_ops_on_second_device(cuda_ops, name):
     """Every op on cuda:1 while cuda:0 is current (device guard, per-device attribute caches)."""
     torch.cuda.set_device(0)
     dev = "cuda:1"
     if name in ("decode_attention", "block_attention"):
         Q = None if name == "decode_attention" else 3
         args = attention_args(2, 2, 4, 4097, 128, torch.float16, Q=Q, seed=50)
-        (got, out), (want, out_want) = run_cpu_cuda(ops, name, args, device=dev)
+        (got, out), (want, out_want) = run_cpu_cuda(cuda_ops, name, args, device=dev)
         assert out.device == torch.device(dev)
         check_attention(got, out, want, out_want, torch.float16)
         return
@@ -248,7 +238,7 @@ def test_ops_on_second_device(ops, name):
         args = [torch.rand(2, 8, 2, 4097, generator=g), st.slot_pos,
                 torch.tensor([[10 ** 6, 10 ** 6 + 1]] * 2), st.scores, st.counts, st.last]
         kw = {}
-    (got, _), (want, _) = run_cpu_cuda(ops, name, args, kw, device=dev)
+    (got, _), (want, _) = run_cpu_cuda(cuda_ops, name, args, kw, device=dev)
     for x, y in zip(got, want):
         if isinstance(x, torch.Tensor):
             assert x.device == torch.device(dev)

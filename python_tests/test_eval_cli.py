@@ -179,6 +179,28 @@ def test_group_reduce_reaches_the_cache_and_is_recorded(model_dir, data_dir, tmp
     assert "`group_reduce=max` (NOT the default `mean`)" in (out / MD_NAME).read_text()
 
 
+def test_merge_rule_reaches_weightedkv_caches_only_and_is_recorded(model_dir, data_dir, tmp_path,
+                                                                   monkeypatch):
+    import weightedkv_ext.cache as cache_mod
+
+    made = []
+
+    class Recording(cache_mod.WeightedKVCache):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append((self.policy, self.merge_target, self.merge_gate, self.prompt_mode))
+
+    monkeypatch.setattr(cache_mod, "WeightedKVCache", Recording)
+    out = tmp_path / "out"
+    argv = _argv(model_dir, data_dir, out)[:-2] + [
+        "--policies", "weightedkv,tova", "--contexts", "32", "--budgets", "12",
+        "--merge-target", "similar", "--merge-gate", "0.5", "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert set(made) == {("weightedkv", "similar", 0.5, "stream"), ("tova", "right", 0.0, "stream")}
+    rule = json.loads((out / JSON_NAME).read_text())["config"]["merge_rule"]
+    assert rule == dict(merge_target="similar", merge_gate=0.5, merge_weights="average")
+
+
 def test_resuming_with_another_group_reduce_is_refused(model_dir, data_dir, reference_run, tmp_path,
                                                        capsys):
     assert "group_reduce" not in (reference_run / MD_NAME).read_text()  # default: no note

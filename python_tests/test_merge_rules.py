@@ -325,16 +325,6 @@ def test_cache_merge_stats():
 # (one_removal: k == 1; sorted_removals: k > 1 and CaM), shared memory and global workspace.
 
 
-def _cuda_ops():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device (torch.cuda.is_available() is False)")
-    ops = compiled_ops()
-    from weightedkv_ext import _loader
-    if not _loader.cuda_built():
-        pytest.skip("weightedkv_ext was built without the CUDA kernels")
-    return ops
-
-
 CUDA_CASES = [  # (C, held, budget, sinks, recent): k = held - budget removals
     (40, 30, 29, 2, 3),  # one removal
     (40, 30, 12, 2, 3),  # many, shared memory
@@ -348,15 +338,15 @@ CUDA_POLICIES = [("weightedkv", r) for r in RULES] + [(p, {}) for p in ("evict",
 @pytest.mark.parametrize("policy,rule", CUDA_POLICIES,
                          ids=[p + ("-" + _ids(r) if r else "") for p, r in CUDA_POLICIES])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_cuda_compress_matches_cpu(dtype, policy, rule, C, held, budget, sinks, recent):
-    ops = _cuda_ops()
+def test_cuda_compress_matches_cpu(cuda_ops, dtype, policy, rule, C, held, budget, sinks,
+                                   recent):
     base = random_state(2, 2, C, 64, dtype, held=lambda b, h: held - b - h, seed=21)
     merged = _random_merged(base, 22)
     outs = []
     for device in ("cpu", "cuda"):
         st = [t.to(device) for t in state_copy(base)]
         m = merged.clone().to(device)
-        ops.compress(*st, budget, sinks, recent, policy, 5, 3, **rule, merged=m)
+        cuda_ops.compress(*st, budget, sinks, recent, policy, 5, 3, **rule, merged=m)
         outs.append([t.cpu() for t in (*st, m)])
     for name, g, w in zip((*ref.State._fields, "merged"), outs[1], outs[0]):
         assert torch.equal(g, w), f"{name} differs"

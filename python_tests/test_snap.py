@@ -261,6 +261,26 @@ def test_option_errors_name_the_option(kwargs, match):
 def test_cache_rejects_unknown_prompt_options():
     with pytest.raises(TypeError, match="prompt_windows"):
         weightedkv_ext.WeightedKVCache(32, prompt_windows=4)
+    with pytest.raises(TypeError, match="^KVEngine: unexpected keyword argument 'prompt_windows'"):
+        KVEngine(32, prompt_windows=4)
+
+
+def test_defaults_are_prompt_options():
+    """prompt.OPTIONS is the one table of defaults: the engine's, the op's and the harness's read
+    it; the reference keeps its deliberate copy, which must equal it."""
+    import inspect
+
+    from weightedkv_ext.eval.caches import cache_factory
+
+    e = KVEngine(64)
+    assert {k: getattr(e, k) for k in prompt.OPTIONS} == prompt.OPTIONS
+    for fn in (ops.snap_compress, ref.snap_compress):
+        sig = inspect.signature(fn).parameters
+        assert (sig["pool"].default, sig["merge"].default) == \
+            (prompt.OPTIONS["prompt_pool"], prompt.OPTIONS["prompt_merge"]), fn
+    sig = inspect.signature(cache_factory).parameters
+    assert sig["prompt_pool"].default == prompt.OPTIONS["prompt_pool"]
+    assert sig["prompt_window"].default == prompt.OPTIONS["prompt_window"]
 
 
 def test_stream_mode_is_the_default_and_unchanged():
@@ -316,16 +336,15 @@ def test_cuda_build_registers_snap_compress():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("weightedkv::snap_compress", "CUDA")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("merge", [False, True], ids=["drop", "merge"])
-def test_cuda_snap_compress_equals_cpu(dtype, merge):
+def test_cuda_snap_compress_equals_cpu(cuda_ops, dtype, merge):
     # The same float formulas (no FMA) on both devices: bit-identical results.
     st = random_state(3, 2, 40, 16, dtype, lambda b, h: [0, 7, 23, 40][(b + 2 * h) % 4], seed=4)
     cpu = state_copy(st)
     gpu = ref.State(*(t.cuda() for t in st))
     kept_cpu = ops.snap_compress(*cpu, 12, 2, 4, 5, merge)
-    kept_gpu = ops.snap_compress(*gpu, 12, 2, 4, 5, merge)
+    kept_gpu = cuda_ops.snap_compress(*gpu, 12, 2, 4, 5, merge)
     assert torch.equal(kept_gpu.cpu(), kept_cpu)
     for name, a, b in zip(ref.State._fields, gpu, cpu):
         assert torch.equal(a.cpu(), b), name

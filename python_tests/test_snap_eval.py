@@ -63,6 +63,37 @@ def test_prompt_modes_end_to_end(model_dir, tmp_path):
     assert (tmp_path / "passkey_heatmap_weightedkv_snapkv.png").stat().st_size > 0
 
 
+def test_prompt_and_merge_options_reach_the_task_caches(model_dir, tmp_path, monkeypatch):
+    import weightedkv_ext.cache as cache_mod
+
+    made = []
+
+    class Recording(cache_mod.WeightedKVCache):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append((self.policy, self.prompt_mode, self.prompt_window, self.prompt_pool,
+                         self.prompt_end, self.merge_target))
+
+    monkeypatch.setattr(cache_mod, "WeightedKVCache", Recording)
+    argv = ["--model", str(model_dir), "--no-progress", "--out", str(tmp_path), "--chunk-size",
+            "16", "--batch", "2", "--task", "passkey", "--lengths", "320", "--depths", "50",
+            "--samples", "1", "--policies", "full,weightedkv,evict", "--budgets", "40",
+            "--prompt-modes", "stream,snapkv", "--prompt-window", "8", "--prompt-pool", "5,3",
+            "--merge-target", "nearest", "--min-full-accuracy", "0"]
+    assert cli.main(argv) == 0
+    assert set(made) == {
+        ("full", "stream", 32, 15, "first_forward", "right"),
+        ("weightedkv", "stream", 32, 15, "first_forward", "nearest"),
+        ("evict", "stream", 32, 15, "first_forward", "right"),
+        ("weightedkv", "snapkv", 8, 5, "manual", "nearest"),
+        ("weightedkv", "snapkv", 8, 3, "manual", "nearest"),
+        ("evict", "snapkv", 8, 5, "manual", "right"),
+        ("evict", "snapkv", 8, 3, "manual", "right")}
+    config = json.loads((tmp_path / "results_passkey.json").read_text())["config"]
+    assert (config["prompt_window"], config["prompt_pool"]) == (8, 5)
+    assert config["merge_rule"]["merge_target"] == "nearest"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--task", "passkey", "--prompt-modes", "snap"], r"--prompt-modes: .*unknown prompt mode"),
     (["--task", "passkey", "--prompt-pool", "7,4"], r"--prompt-pool: must be odd"),

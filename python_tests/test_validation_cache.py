@@ -69,6 +69,7 @@ def assert_same(a, b):
     (dict(budget=16, seed="0"), r"seed must be an int, got seed='0'"),
     (dict(budget=16, policy=None), r"policy must be one of .*got policy=None"),
     (dict(budget=16, policy="WeightedKV"), r"policy must be one of .*got policy='WeightedKV'"),
+    (dict(budget=16, policy=["evict"]), r"policy must be one of .*got policy=\['evict'\]"),
     (dict(budget=16, group_reduce=None), r"group_reduce must be one of .*got group_reduce=None"),
     (dict(budget=4, sinks=4, recent=0), r"budget must exceed sinks \+ recent, got budget=4, "
                                         r"sinks=4, recent=0"),

@@ -265,12 +265,8 @@ class WeightedKVCache(Cache):
                  backend: str = "ops", *, merge_target: str = "right",
                  merge_gate: float | None = 0.0, merge_weights: str = "average",
                  **prompt_options):
-        unknown = sorted(set(prompt_options) - set(_prompt_mode.OPTIONS))
-        if unknown:
-            raise TypeError(f"WeightedKVCache: unexpected keyword argument {unknown[0]!r} "
-                            f"(prompt options: {', '.join(_prompt_mode.OPTIONS)})")
-        prompt_options = {**_prompt_mode.OPTIONS, **prompt_options}
-        # One set of rules: the engine validates (and resolves recent=None) for every layer.
+        # One set of rules: the engine validates (and resolves recent=None and the prompt options
+        # against prompt.OPTIONS) for every layer.
         proto = KVEngine(budget, sinks, recent, policy, chunk_size, cam_window, seed,
                          group_reduce, backend, name="WeightedKVCache", merge_target=merge_target,
                          merge_gate=merge_gate, merge_weights=merge_weights, **prompt_options)

@@ -64,7 +64,8 @@ class KVEngine:
         prompt_mode, prompt_window, prompt_pool, prompt_budget, prompt_merge, prompt_end: how the
             prompt is compressed (``"stream"``: like every token; ``"snapkv"``: held, then
             compressed once by the attention of its last ``prompt_window`` queries); see
-            ``weightedkv_ext.prompt`` (the one table of these options: ``prompt.OPTIONS``).
+            ``weightedkv_ext.prompt`` (the one table of these options and their defaults:
+            ``prompt.OPTIONS``; any other keyword is a TypeError).
     """
 
     transactional = True  # snapshot before mutating, restore on any exception
@@ -73,9 +74,7 @@ class KVEngine:
                  chunk_size=128, cam_window=16, seed=0, group_reduce="mean", backend="ops", *,
                  window=0, softcap=0.0, sink_logits=None, head_offset=0, name="KVEngine",
                  reset_hint="engine.reset()", merge_target="right", merge_gate=0.0,
-                 merge_weights="average", prompt_mode="stream", prompt_window=32,
-                 prompt_pool=15, prompt_budget=None, prompt_merge=False,
-                 prompt_end="first_forward"):
+                 merge_weights="average", **prompt_options):
         self.name, self.reset_hint = name, reset_hint
         self.budget, self.sinks, self.recent = policies.resolve(name, policy, budget, sinks,
                                                                 recent)
@@ -83,11 +82,8 @@ class KVEngine:
         self.merge_rule = policies.check_merge_rule(name, policy, merge_target, merge_gate,
                                                     merge_weights)
         self.merge_target, self.merge_gate, self.merge_weights = self.merge_rule.values()
-        if backend not in BACKENDS:
-            raise ValueError(f"{name}: backend must be one of {BACKENDS}, got backend={backend!r}")
-        if group_reduce not in policies.GROUP_REDUCES:
-            raise ValueError(f"{name}: group_reduce must be one of {policies.GROUP_REDUCES}, "
-                             f"got group_reduce={group_reduce!r}")
+        policies.check_choice(name, "backend", backend, BACKENDS)
+        policies.check_choice(name, "group_reduce", group_reduce, policies.GROUP_REDUCES)
         self.chunk_size = _index(name, "chunk_size", chunk_size, 1)
         self.cam_window = _index(name, "cam_window", cam_window, 1)
         if isinstance(seed, bool) or not hasattr(seed, "__index__"):
@@ -102,13 +98,12 @@ class KVEngine:
         self.window = self._check_window(window)
         self.softcap = self._check_softcap(softcap)
         self.sink_logits = sink_logits
-        self.prompt = _prompt_mode.resolve(
-            name, policy, self.budget, self.sinks, self.recent, prompt_mode=prompt_mode,
-            prompt_window=prompt_window, prompt_pool=prompt_pool, prompt_budget=prompt_budget,
-            prompt_merge=prompt_merge, prompt_end=prompt_end)
+        cfg = self.prompt = _prompt_mode.resolve(
+            name, policy, self.budget, self.sinks, self.recent,
+            **_prompt_mode.options(name, prompt_options))
         (self.prompt_mode, self.prompt_window, self.prompt_pool, self.prompt_budget,
-         self.prompt_merge, self.prompt_end) = (prompt_mode, self.prompt.window, self.prompt.pool,
-                                                self.prompt.budget, prompt_merge, prompt_end)
+         self.prompt_merge, self.prompt_end) = (cfg.mode, cfg.window, cfg.pool, cfg.budget,
+                                                cfg.merge, cfg.end)
         self._ops_override = None
         self.reset()
 

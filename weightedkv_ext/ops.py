@@ -19,6 +19,7 @@ from torch import Tensor
 from . import _loader  # noqa: F401  (registers torch.ops.weightedkv)
 
 from .policies import GROUP_REDUCES, KERNEL_POLICIES as POLICIES  # one table: policies.py
+from .prompt import OPTIONS as _PROMPT  # the prompt options' defaults: prompt.py
 
 _ops = torch.ops.weightedkv
 
@@ -138,8 +139,9 @@ def block_attention(query: Tensor, keys: Tensor, values: Tensor, slot_pos: Tenso
 
 
 def snap_compress(keys: Tensor, values: Tensor, scores: Tensor, counts: Tensor, last: Tensor,
-                  slot_pos: Tensor, budget: int, sinks: int, recent: int, pool: int = 15,
-                  merge: bool = False, *, kept: Tensor | None = None) -> Tensor:
+                  slot_pos: Tensor, budget: int, sinks: int, recent: int,
+                  pool: int = _PROMPT["prompt_pool"], merge: bool = _PROMPT["prompt_merge"], *,
+                  kept: Tensor | None = None) -> Tensor:
     """The prompt-end step of the ``snapkv`` prompt mode: compress every (b, h) to ``budget``
     held tokens at once (in place), ranked by ``scores`` (the window's attention sums).
 

@@ -73,15 +73,19 @@ MERGE_RULE_PAPERS = {
 }
 
 
+def check_choice(owner: str, name: str, value, choices: tuple):
+    """``value`` when it is one of ``choices``; else a ValueError naming the option, the value
+    and the choices."""
+    if value not in choices:
+        raise ValueError(f"{owner}: {name} must be one of {choices}, got {name}={value!r}")
+    return value
+
+
 def check_merge_rule(owner: str, policy: str, merge_target="right", merge_gate=0.0,
                      merge_weights="average") -> dict:
     """Validate weightedkv's merge-rule options; returns them as a dict of compress kwargs."""
-    if merge_target not in MERGE_TARGETS:
-        raise ValueError(f"{owner}: merge_target must be one of {MERGE_TARGETS}, "
-                         f"got merge_target={merge_target!r}")
-    if merge_weights not in MERGE_WEIGHTS:
-        raise ValueError(f"{owner}: merge_weights must be one of {MERGE_WEIGHTS}, "
-                         f"got merge_weights={merge_weights!r}")
+    check_choice(owner, "merge_target", merge_target, MERGE_TARGETS)
+    check_choice(owner, "merge_weights", merge_weights, MERGE_WEIGHTS)
     gate = 0.0 if merge_gate is None else merge_gate
     if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0 <= gate <= 1:
         raise ValueError(f"{owner}: merge_gate must be a key cosine in [0, 1] (0 or None = no "
@@ -130,8 +134,7 @@ def resolve(owner: str, policy: str, budget, sinks, recent) -> tuple[int | None,
     ``recent=None`` means ``default_recent(budget, sinks)``. ``policy="full"`` accepts
     ``budget=None`` (no compression). Otherwise ``budget > sinks + recent`` is required.
     """
-    if policy not in BY_NAME:
-        raise ValueError(f"{owner}: policy must be one of {POLICIES}, got policy={policy!r}")
+    check_choice(owner, "policy", policy, POLICIES)
     sinks = as_int(owner, "sinks", sinks, 0)
     if policy == "full" and budget is None:
         return None, sinks, as_int(owner, "recent", 0 if recent is None else recent, 0)

@@ -55,15 +55,21 @@ class PromptConfig:
         return self.mode == "snapkv"
 
 
+def options(owner: str, given: dict) -> dict:
+    """The prompt options of an engine: the keyword arguments ``given`` over ``OPTIONS``'s
+    defaults, in ``OPTIONS``'s order; a name not in ``OPTIONS`` is a TypeError naming it."""
+    unknown = sorted(set(given) - set(OPTIONS))
+    if unknown:
+        raise TypeError(f"{owner}: unexpected keyword argument {unknown[0]!r} "
+                        f"(prompt options: {', '.join(OPTIONS)})")
+    return {**OPTIONS, **given}
+
+
 def resolve(owner: str, policy: str, budget, sinks: int, recent: int, *, prompt_mode,
             prompt_window, prompt_pool, prompt_budget, prompt_merge, prompt_end) -> PromptConfig:
     """Check the prompt options of an engine (budget/sinks/recent already resolved)."""
-    if prompt_mode not in PROMPT_MODES:
-        raise ValueError(f"{owner}: prompt_mode must be one of {PROMPT_MODES}, got "
-                         f"prompt_mode={prompt_mode!r}")
-    if prompt_end not in PROMPT_ENDS:
-        raise ValueError(f"{owner}: prompt_end must be one of {PROMPT_ENDS}, got "
-                         f"prompt_end={prompt_end!r}")
+    policies.check_choice(owner, "prompt_mode", prompt_mode, PROMPT_MODES)
+    policies.check_choice(owner, "prompt_end", prompt_end, PROMPT_ENDS)
     if not isinstance(prompt_merge, bool):
         raise ValueError(f"{owner}: prompt_merge must be a bool, got prompt_merge={prompt_merge!r}")
     window = policies.as_int(owner, "prompt_window", prompt_window, 1)
@@ -174,4 +180,4 @@ def _compact(engine, kept: Tensor) -> None:
     engine.slot_pos = engine.slot_pos.gather(2, g).masked_fill(~valid, -1)
 
 
-__all__ = ["PROMPT_MODES", "PROMPT_ENDS", "OPTIONS", "PromptConfig", "resolve"]
+__all__ = ["PROMPT_MODES", "PROMPT_ENDS", "OPTIONS", "PromptConfig", "options", "resolve"]

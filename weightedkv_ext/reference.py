@@ -394,22 +394,36 @@ def _f32(x: float) -> Tensor:
     return torch.tensor(x, dtype=torch.float32)
 
 
-def _merge_weights(wj: Tensor, wr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The weights (w_j, w_r) and their sum s of a WeightedKV merge (docs/design.md, compress
-    step 3), float32 scalars: equal weights 1/2 (s = 1) unless s = w_j + w_r is a positive finite
+def _sum(w: list[Tensor]) -> Tensor:
+    s = _f32(0.0)
+    for x in w:
+        s = s + x
+    return s
+
+
+def _scale_weights(w: list[Tensor], equal: float) -> tuple[list[Tensor], Tensor]:
+    """The weights of an n-way merge and their sum s (docs/design.md, compress step 3), float32
+    scalars summed in list order: all ``equal`` (s = n * equal) unless s is a positive finite
     float32; non-negative weights scaled by powers of two until s lies in [1/2, 1)."""
-    s = wj + wr
+    s = _sum(w)
     if not (math.isfinite(float(s)) and float(s) > 0):  # 0, negative, inf, NaN
-        return _f32(0.5), _f32(0.5), _f32(1.0)
-    if float(wj) >= 0 and float(wr) >= 0:
+        return [_f32(equal)] * len(w), _f32(equal * len(w))
+    if all(float(x) >= 0 for x in w) and not 0.5 <= float(s) < 1.0:
         if float(s) < 2.0 ** -126 or float(s) >= 2.0 ** 64:  # first 2^64 / 2^-64
             g = _f32(2.0 ** 64 if float(s) < 2.0 ** -126 else 2.0 ** -64)
-            wj, wr = wj * g, wr * g
-            s = wj + wr
+            w = [x * g for x in w]
+            s = _sum(w)
         _, e = math.frexp(float(s))  # s = m 2^e, m in [1/2, 1): 2^-e puts s there
         f = _f32(2.0 ** -e)
-        wj, wr = wj * f, wr * f
-        s = wj + wr
+        w = [x * f for x in w]
+        s = _sum(w)
+    return w, s
+
+
+def _merge_weights(wj: Tensor, wr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The weights (w_j, w_r) and their sum s of a WeightedKV merge: ``_scale_weights``, equal
+    weights 1/2 (s = 1)."""
+    (wj, wr), s = _scale_weights([wj, wr], 0.5)
     return wj, wr, s
 
 
@@ -556,6 +570,16 @@ def _compress_one(values_bh, scores_bh, counts_bh, last_bh, slot_pos_bh, b, h, b
         _drop(scores_bh, counts_bh, last_bh, slot_pos_bh, j, merged_bh)
 
 
+def _check_budget(op, budget, sinks, recent, recent_note=""):
+    if sinks < 0:
+        _fail(op, f"sinks must be >= 0, got sinks={sinks}")
+    if recent < 0:
+        _fail(op, f"recent must be >= 0{recent_note}, got recent={recent}")
+    if budget <= sinks + recent:
+        _fail(op, f"budget must exceed sinks + recent, got budget={budget}, sinks={sinks}, "
+                  f"recent={recent}")
+
+
 def compress(keys, values, scores, counts, last, slot_pos, budget, sinks, recent, policy,
              cam_window=16, seed=0, head_offset=0, *, merge_target="right", merge_gate=0.0,
              merge_weights="average", merged=None) -> None:
@@ -564,13 +588,7 @@ def compress(keys, values, scores, counts, last, slot_pos, budget, sinks, recent
     options and ``merged`` (float32 [B, H, C], updated in place) as in ``ops.compress``."""
     op = "compress"
     _check_state(op, keys, values, scores, counts, last, slot_pos)
-    if sinks < 0:
-        _fail(op, f"sinks must be >= 0, got sinks={sinks}")
-    if recent < 0:
-        _fail(op, f"recent must be >= 0, got recent={recent}")
-    if budget <= sinks + recent:
-        _fail(op, f"budget must exceed sinks + recent, got budget={budget}, sinks={sinks}, "
-                  f"recent={recent}")
+    _check_budget(op, budget, sinks, recent)
     if cam_window < 1:
         _fail(op, f"cam_window must be >= 1, got cam_window={cam_window}")
     if head_offset < 0:
@@ -618,27 +636,10 @@ def _snap_pooled(window: Tensor, pool: int) -> Tensor:
 
 
 def _snap_merge(values_bh: Tensor, avg: Tensor, run: list[int], r: int) -> None:
-    """v_r <- (sum_k w_k v_k) / (sum_k w_k), k over r then the dropped run right to left."""
+    """v_r <- (sum_k w_k v_k) / (sum_k w_k), k over r then the dropped run right to left, the
+    weights of ``_scale_weights`` (equal weights 1)."""
     slots = [r] + run[::-1]
-    w = [avg[k].float().reshape(()) for k in slots]
-    s = _f32(0.0)
-    for x in w:
-        s = s + x
-    if not (math.isfinite(float(s)) and float(s) > 0):
-        w, s = [_f32(1.0)] * len(slots), _f32(float(len(slots)))
-    elif all(float(x) >= 0 for x in w) and not 0.5 <= float(s) < 1.0:
-        if float(s) < 2.0 ** -126 or float(s) >= 2.0 ** 64:
-            g = _f32(2.0 ** 64 if float(s) < 2.0 ** -126 else 2.0 ** -64)
-            w = [x * g for x in w]
-            s = _f32(0.0)
-            for x in w:
-                s = s + x
-        _, e = math.frexp(float(s))
-        f = _f32(2.0 ** -e)
-        w = [x * f for x in w]
-        s = _f32(0.0)
-        for x in w:
-            s = s + x
+    w, s = _scale_weights([avg[k].float().reshape(()) for k in slots], 1.0)
     acc = torch.zeros(values_bh.shape[1], dtype=torch.float32, device=values_bh.device)
     for x, k in zip(w, slots):
         acc = acc + x * values_bh[k].float()
@@ -651,13 +652,7 @@ def snap_compress(keys, values, scores, counts, last, slot_pos, budget, sinks, r
     snap_compress); returns ``kept`` [B, H, C] (held slots in position order, then -1)."""
     op = "snap_compress"
     _check_state(op, keys, values, scores, counts, last, slot_pos)
-    if sinks < 0:
-        _fail(op, f"sinks must be >= 0, got sinks={sinks}")
-    if recent < 0:
-        _fail(op, f"recent must be >= 0 (the observation window kept), got recent={recent}")
-    if budget <= sinks + recent:
-        _fail(op, f"budget must exceed sinks + recent, got budget={budget}, sinks={sinks}, "
-                  f"recent={recent}")
+    _check_budget(op, budget, sinks, recent, " (the observation window kept)")
     if pool < 1 or pool % 2 == 0:
         _fail(op, f"pool must be an odd int >= 1 (the pooling kernel, centred; 1 = no pooling), "
                   f"got pool={pool}")

@@ -66,19 +66,10 @@ void snap_row(const SnapParams& p, int64_t b, int64_t h, SnapScratch& s) {
         run = k + 1;
       }  // a dropped run with no kept right neighbour (recent == 0) is dropped unmerged
     }
-    for (int64_t k = 0; k < L; ++k) {
-      if (s.keep[k]) continue;
-      const int64_t slot = s.order[k];
-      c.slot_pos[off(c.pos_st, b, h, slot)] = -1;
-      c.scores[off(c.scores_st, b, h, slot)] = 0.0f;
-      c.counts[off(c.counts_st, b, h, slot)] = 0.0f;
-      c.last[off(c.last_st, b, h, slot)] = 0.0f;
-    }
+    for (int64_t k = 0; k < L; ++k)
+      if (!s.keep[k]) snap_drop(c, b, h, s.order[k]);
   }
-  int64_t t = 0;
-  for (int64_t k = 0; k < L; ++k)
-    if (s.keep[k]) p.kept[off(p.kept_st, b, h, t++)] = s.order[k];
-  for (; t < c.C; ++t) p.kept[off(p.kept_st, b, h, t)] = -1;
+  snap_write_kept(p, b, h, s.order.data(), s.keep.data(), L);
 }
 
 }  // namespace

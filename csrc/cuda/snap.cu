@@ -87,22 +87,11 @@ __global__ void __launch_bounds__(kThreads) snap_kernel(const SnapParams p, cons
       }
       __syncthreads();  // merges read the dropped tokens' statistics
     }
-    for (int64_t k = tid; k < L; k += kThreads) {
-      if (keep[k]) continue;
-      const int64_t slot = order[k];
-      c.slot_pos[off(c.pos_st, b, h, slot)] = -1;
-      c.scores[off(c.scores_st, b, h, slot)] = 0.0f;
-      c.counts[off(c.counts_st, b, h, slot)] = 0.0f;
-      c.last[off(c.last_st, b, h, slot)] = 0.0f;
-    }
+    for (int64_t k = tid; k < L; k += kThreads)
+      if (!keep[k]) snap_drop(c, b, h, order[k]);
   }
   __syncthreads();
-  if (tid == 0) {
-    int64_t t = 0;
-    for (int64_t k = 0; k < L; ++k)
-      if (keep[k]) p.kept[off(p.kept_st, b, h, t++)] = order[k];
-    for (; t < c.C; ++t) p.kept[off(p.kept_st, b, h, t)] = -1;
-  }
+  if (tid == 0) snap_write_kept(p, b, h, order, keep, L);
 }
 
 }  // namespace

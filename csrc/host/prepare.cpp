@@ -345,6 +345,17 @@ void check_merge_options(const char* op, const at::Tensor& keys, const at::Tenso
   p->merged_st = st3(m);
 }
 
+// sinks >= 0, recent >= 0 and budget > sinks + recent (written so that huge sinks/recent cannot
+// overflow int64); recent_note: what recent means to the op, for its message.
+void check_budget(const char* op, int64_t budget, int64_t sinks, int64_t recent,
+                  const char* recent_note) {
+  TORCH_CHECK(sinks >= 0, op, ": sinks must be >= 0, got sinks=", sinks);
+  TORCH_CHECK(recent >= 0, op, ": recent must be >= 0", recent_note, ", got recent=", recent);
+  TORCH_CHECK(budget > sinks && budget - sinks > recent, op,
+              ": budget must exceed sinks + recent, got budget=", budget, ", sinks=", sinks,
+              ", recent=", recent);
+}
+
 }  // namespace
 
 CompressParams prepare_compress(const at::Tensor& keys, const at::Tensor& values,
@@ -357,12 +368,7 @@ CompressParams prepare_compress(const at::Tensor& keys, const at::Tensor& values
                                 const std::optional<at::Tensor>& merged) {
   const char* op = "compress";
   const int64_t H = check_cache(op, keys, values, scores, counts, last, slot_pos)[1];
-  TORCH_CHECK(sinks >= 0, op, ": sinks must be >= 0, got sinks=", sinks);
-  TORCH_CHECK(recent >= 0, op, ": recent must be >= 0, got recent=", recent);
-  // budget > sinks + recent, written so that huge sinks/recent cannot overflow int64
-  TORCH_CHECK(budget > sinks && budget - sinks > recent, op,
-              ": budget must exceed sinks + recent, got budget=", budget, ", sinks=", sinks,
-              ", recent=", recent);
+  check_budget(op, budget, sinks, recent, "");
   TORCH_CHECK(cam_window >= 1, op, ": cam_window must be >= 1, got cam_window=", cam_window);
   TORCH_CHECK(head_offset >= 0, op, ": head_offset must be >= 0 (the global index of this "
               "shard's first KV head), got head_offset=", head_offset);
@@ -507,12 +513,7 @@ SnapParams prepare_snap(const at::Tensor& keys, const at::Tensor& values,
   const char* op = "snap_compress";
   const auto [B, H, C, D] = check_cache(op, keys, values, scores, counts, last, slot_pos);
   (void)D;
-  TORCH_CHECK(sinks >= 0, op, ": sinks must be >= 0, got sinks=", sinks);
-  TORCH_CHECK(recent >= 0, op, ": recent must be >= 0 (the observation window kept), got recent=",
-              recent);
-  TORCH_CHECK(budget > sinks && budget - sinks > recent, op,
-              ": budget must exceed sinks + recent, got budget=", budget, ", sinks=", sinks,
-              ", recent=", recent);
+  check_budget(op, budget, sinks, recent, " (the observation window kept)");
   TORCH_CHECK(pool >= 1 && pool % 2 == 1, op,
               ": pool must be an odd int >= 1 (the pooling kernel, centred; 1 = no pooling), "
               "got pool=", pool);

@@ -1,12 +1,15 @@
 // merge.h: value merges of compress (all arithmetic in float32, rounded once to the K/V dtype).
 // Provides:
-//   merge_weights(avg_j, avg_r): the convex weights (w_j, w_r, denominator), equal weights
-//     (1/2, 1/2, 1) when w_j + w_r is not a positive finite number. Non-negative weights are
-//     first scaled by a power of two 2^k so that their sum lies in [1/2, 1): then
-//     |w_j v_j + w_r v_r| <= max(|v_j|, |v_r|) never overflows, and tiny weights (underflowing
-//     attention) do not underflow the products (0.3 merged with 0.3 at weights 1e-45 gives 0.3,
-//     not 0). Scaling by 2^k is exact and the formula rounds identically whenever no
-//     intermediate under/overflows, so only such broken cases change;
+//   scale_weights(n, weight, equal) / scaled_weight(sc, w): the one scaling of n merge weights
+//     (compress's pairwise merge: n = 2; snap_compress's run merge: n = run + 1). Their sum s
+//     (float32, in increasing k) not a positive finite number: every weight is `equal`, the
+//     denominator n * equal. Else non-negative weights are scaled by a power of two 2^k so that
+//     their sum lies in [1/2, 1): then |sum_k w_k v_k| <= max_k |v_k| never overflows, and tiny
+//     weights (underflowing attention) do not underflow the products (0.3 merged with 0.3 at
+//     weights 1e-45 gives 0.3, not 0). Scaling by 2^k is exact and the formula rounds
+//     identically whenever no intermediate under/overflows, so only such broken cases change;
+//   merge_weights(avg_j, avg_r): the pairwise convex weights (w_j, w_r, denominator) of
+//     scale_weights, equal weights (1/2, 1/2, 1);
 //   merge_value(vj, vr, w): (w_j v_j + w_r v_r) / (w_j + w_r) for one element;
 //   weighted_merge_row<T>(vj, vr, D, stride): v_r <- merge over the D elements of one row;
 //   cam_probability(avg_j, mean_R): CaM's merge probability p in [0, 1];
@@ -33,22 +36,58 @@ WKV_HOST_DEVICE inline float unit_scale(float x) {
   return f32_from_bits((253u - ((f32_bits(x) >> 23) & 0xFFu)) << 23);
 }
 
-WKV_HOST_DEVICE inline MergeWeights merge_weights(float avg_j, float avg_r) {
-  float s = wkv_add(avg_j, avg_r);
-  if (!(s > 0.0f && s <= kFloatMax)) return MergeWeights{0.5f, 0.5f, 1.0f};  // 0, <0, inf, NaN
-  if (avg_j >= 0.0f && avg_r >= 0.0f && !(s >= 0.5f && s < 1.0f)) {
-    if (s < kMinNormal || s >= 18446744073709551616.0f) {  // outside [2^-126, 2^64): 2^(+-64)
-      const float g = s < kMinNormal ? 18446744073709551616.0f : 5.42101086242752217e-20f;
-      avg_j = wkv_mul(avg_j, g);
-      avg_r = wkv_mul(avg_r, g);
-      s = wkv_add(avg_j, avg_r);
-    }
-    const float f = unit_scale(s);
-    avg_j = wkv_mul(avg_j, f);
-    avg_r = wkv_mul(avg_r, f);
-    s = wkv_add(avg_j, avg_r);
+// How n merge weights are scaled (scale_weights); s = the sum of the scaled weights.
+struct WeightScale {
+  bool equal = false;  // the sum is not a positive finite number (0, < 0, inf, NaN)
+  bool big = false;    // scaled by g first (the sum outside [2^-126, 2^64): g = 2^(+-64))
+  bool unit = false;   // scaled by f = unit_scale(sum): the sum in [1/2, 1)
+  float g = 1.0f, f = 1.0f, equal_w = 0.0f, s = 0.0f;
+};
+
+WKV_HOST_DEVICE inline float scaled_weight(const WeightScale& sc, float w) {
+  if (sc.equal) return sc.equal_w;
+  if (sc.big) w = wkv_mul(w, sc.g);
+  if (sc.unit) w = wkv_mul(w, sc.f);
+  return w;
+}
+
+// weight(k), k = 0 .. n-1: the unscaled weights (read again per pass, so a run of any length
+// needs no storage); equal: the weight of each when their sum is not a positive finite number.
+template <class Weight>
+WKV_HOST_DEVICE inline WeightScale scale_weights(int64_t n, const Weight& weight, float equal) {
+  WeightScale sc;
+  auto sum = [&]() {
+    float s = 0.0f;
+    for (int64_t k = 0; k < n; ++k) s = wkv_add(s, scaled_weight(sc, weight(k)));
+    return s;
+  };
+  bool nonneg = true;
+  for (int64_t k = 0; k < n; ++k) nonneg = nonneg && weight(k) >= 0.0f;
+  float s = sum();
+  if (!(s > 0.0f && s <= kFloatMax)) {
+    sc.equal = true;
+    sc.equal_w = equal;
+    sc.s = wkv_mul(equal, static_cast<float>(n));
+    return sc;
   }
-  return MergeWeights{avg_j, avg_r, s};
+  if (nonneg && !(s >= 0.5f && s < 1.0f)) {
+    if (s < kMinNormal || s >= 18446744073709551616.0f) {
+      sc.big = true;
+      sc.g = s < kMinNormal ? 18446744073709551616.0f : 5.42101086242752217e-20f;
+      s = sum();
+    }
+    sc.unit = true;
+    sc.f = unit_scale(s);
+    s = sum();
+  }
+  sc.s = s;
+  return sc;
+}
+
+WKV_HOST_DEVICE inline MergeWeights merge_weights(float avg_j, float avg_r) {
+  const WeightScale sc =
+      scale_weights(2, [&](int64_t k) { return k == 0 ? avg_j : avg_r; }, 0.5f);
+  return MergeWeights{scaled_weight(sc, avg_j), scaled_weight(sc, avg_r), sc.s};
 }
 
 WKV_HOST_DEVICE inline float merge_value(float vj, float vr, MergeWeights w) {

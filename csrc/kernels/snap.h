@@ -8,7 +8,9 @@
 //   snap_before(ka, ra, kb, rb): the keep order: higher pooled score first, then lower rank
 //     (NaN sorts lowest);
 //   snap_merge_run<T>(c, b, h, order, r0, r): the values of the dropped ranks [r0, r) merged into
-//     kept rank r, weighted by their average window attention (scores / counts).
+//     kept rank r, weighted by their average window attention (scores / counts);
+//   snap_drop(c, b, h, slot): a dropped token leaves its slot (slot_pos -1, statistics 0);
+//   snap_write_kept(p, b, h, order, keep, L): the row's kept list (the output `kept`).
 #pragma once
 
 #include <cstdint>
@@ -53,63 +55,45 @@ WKV_HOST_DEVICE inline float snap_avg(const CacheParams& c, int64_t b, int64_t h
   return avg_score(c.scores[off(c.scores_st, b, h, slot)], c.counts[off(c.counts_st, b, h, slot)]);
 }
 
-// How the weights of one merge run are scaled (see snap_merge_run).
-struct SnapRunScale {
-  bool equal = false;  // the sum is not a positive finite number: equal weights
-  bool big = false;    // scaled by g first (sum outside [2^-126, 2^64))
-  bool unit = false;   // scaled by f (a power of two: the sum in [1/2, 1))
-  float g = 1.0f, f = 1.0f, s = 0.0f;
-};
-
-WKV_HOST_DEVICE inline float snap_weight(const SnapRunScale& sc, float avg) {
-  if (sc.equal) return 1.0f;
-  if (sc.big) avg = wkv_mul(avg, sc.g);
-  if (sc.unit) avg = wkv_mul(avg, sc.f);
-  return avg;
-}
-
 // The kept rank r absorbs the dropped ranks r0 .. r-1 (order[k] = slot of rank k):
 // v_r <- (sum_k w_k v_k) / (sum_k w_k) over k = r, r-1, .., r0 (float32, in that order, rounded
-// once), w_k = avg_k = scores / counts. Non-negative weights are scaled by powers of two so that
-// their sum lies in [1/2, 1) (as merge_weights, compress's pairwise rule); a sum that is not a
-// positive finite number gives equal weights. Keys and statistics of r are left as they are.
+// once), w_k = avg_k = scores / counts, scaled as compress's pairwise merge (scale_weights in
+// merge.h; equal weights 1 when their sum is not a positive finite number). Keys and statistics
+// of r are left as they are.
 template <class T>
 WKV_HOST_DEVICE inline void snap_merge_run(const CacheParams& c, int64_t b, int64_t h,
                                            const int64_t* order, int64_t r0, int64_t r) {
-  SnapRunScale sc;
-  float s = 0.0f;
-  bool nonneg = true;
-  for (int64_t k = r; k >= r0; --k) {
-    const float a = snap_avg(c, b, h, order[k]);
-    s = wkv_add(s, a);
-    nonneg = nonneg && a >= 0.0f;
-  }
-  if (!(s > 0.0f && s <= kFloatMax)) {
-    sc.equal = true;
-    s = static_cast<float>(r - r0 + 1);
-  } else if (nonneg && !(s >= 0.5f && s < 1.0f)) {
-    if (s < kMinNormal || s >= 18446744073709551616.0f) {
-      sc.big = true;
-      sc.g = s < kMinNormal ? 18446744073709551616.0f : 5.42101086242752217e-20f;
-      s = 0.0f;
-      for (int64_t k = r; k >= r0; --k) s = wkv_add(s, snap_weight(sc, snap_avg(c, b, h, order[k])));
-    }
-    sc.unit = true;
-    sc.f = unit_scale(s);
-    s = 0.0f;
-    for (int64_t k = r; k >= r0; --k) s = wkv_add(s, snap_weight(sc, snap_avg(c, b, h, order[k])));
-  }
+  const WeightScale sc = scale_weights(
+      r - r0 + 1, [&](int64_t i) { return snap_avg(c, b, h, order[r - i]); }, 1.0f);
+  const float s = sc.s;
   T* values = static_cast<T*>(c.values);
   const int64_t vs = c.values_st.s3;
   T* out = values + off(c.values_st, b, h, order[r], 0);
   for (int64_t d = 0; d < c.D; ++d) {
     float acc = 0.0f;
     for (int64_t k = r; k >= r0; --k) {
-      const float w = snap_weight(sc, snap_avg(c, b, h, order[k]));
+      const float w = scaled_weight(sc, snap_avg(c, b, h, order[k]));
       acc = wkv_add(acc, wkv_mul(w, to_float(values[off(c.values_st, b, h, order[k], 0) + d * vs])));
     }
     out[d * vs] = from_float<T>(wkv_div(acc, s));
   }
+}
+
+WKV_HOST_DEVICE inline void snap_drop(const CacheParams& c, int64_t b, int64_t h, int64_t slot) {
+  c.slot_pos[off(c.pos_st, b, h, slot)] = -1;
+  c.scores[off(c.scores_st, b, h, slot)] = 0.0f;
+  c.counts[off(c.counts_st, b, h, slot)] = 0.0f;
+  c.last[off(c.last_st, b, h, slot)] = 0.0f;
+}
+
+// kept[b, h, t] = the slot of the t-th kept rank (keep[k] != 0, k < L), then -1 up to C.
+template <class Flag>
+WKV_HOST_DEVICE inline void snap_write_kept(const SnapParams& p, int64_t b, int64_t h,
+                                            const int64_t* order, const Flag* keep, int64_t L) {
+  int64_t t = 0;
+  for (int64_t k = 0; k < L; ++k)
+    if (keep[k]) p.kept[off(p.kept_st, b, h, t++)] = order[k];
+  for (; t < p.cache.C; ++t) p.kept[off(p.kept_st, b, h, t)] = -1;
 }
 
 }  // namespace wkv

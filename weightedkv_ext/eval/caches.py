@@ -1,11 +1,14 @@
 """The one place the harness builds caches and prepares models for them."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 # Policies (canonical table order, the paper's names), the default-recent rule and the GQA score
 # reductions come from the one registry, weightedkv_ext/policies.py (re-exported for the CLI).
 from ..policies import DISPLAY, GROUP_REDUCES, POLICIES, default_recent  # noqa: F401
+from ..policies import MERGE_RULE_DEFAULT
+from ..prompt import OPTIONS as PROMPT_OPTIONS
 
 # The harness's prompt variants -> the cache's prompt options (weightedkv_ext/prompt.py).
 PROMPT_VARIANTS = {
@@ -52,7 +55,8 @@ def prepare(model):
 def cache_factory(policy: str, budget: int | None, sinks: int, recent: int | None,
                   chunk_size: int, cam_window: int = 16, seed: int = 0,
                   backend: str = "ops", group_reduce: str = "mean", *, prompt: str = "stream",
-                  prompt_window: int = 32, prompt_pool: int = 15,
+                  prompt_window: int = PROMPT_OPTIONS["prompt_window"],
+                  prompt_pool: int = PROMPT_OPTIONS["prompt_pool"],
                   merge_rule: dict | None = None) -> Callable[[], object]:
     """A function returning a fresh, empty cache for one batch of windows. ``prompt``: one of
     ``PROMPT_VARIANTS``; its prompt ends when the harness calls ``cache.end_prompt()``.
@@ -76,3 +80,38 @@ def cache_factory(policy: str, budget: int | None, sinks: int, recent: int | Non
 
     make()  # validate the arguments now, not in the middle of a run
     return make
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """The cache options every cell of a run shares, built once from the command line
+    (``cli.parse_args``: ``args.cache_options``); a cell adds its policy, budget, sinks, recent
+    and prompt variant (``factory``). ``prompt_pool``: the run's first pooling kernel (cells of
+    the others name theirs, ``prompt_name``)."""
+
+    chunk_size: int
+    cam_window: int = 16
+    seed: int = 0
+    backend: str = "ops"
+    group_reduce: str = "mean"
+    prompt_window: int = PROMPT_OPTIONS["prompt_window"]
+    prompt_pool: int = PROMPT_OPTIONS["prompt_pool"]
+    merge_rule: dict = field(default_factory=lambda: dict(MERGE_RULE_DEFAULT))
+
+    def factory(self, policy: str, budget: int | None, sinks: int, recent: int | None, *,
+                prompt: str = "stream") -> Callable[[], object]:
+        return cache_factory(policy, budget, sinks, recent, self.chunk_size, self.cam_window,
+                             self.seed, self.backend, self.group_reduce, prompt=prompt,
+                             prompt_window=self.prompt_window, prompt_pool=self.prompt_pool,
+                             merge_rule=self.merge_rule)
+
+    def config(self, prompt: bool) -> dict:
+        """The options a run's results record: the prompt options only when a prompt mode other
+        than ``stream`` runs (``prompt``), the merge rule only when it is not the paper's."""
+        config = dict(chunk_size=self.chunk_size, cam_window=self.cam_window, seed=self.seed,
+                      backend=self.backend, group_reduce=self.group_reduce)
+        if prompt:
+            config.update(prompt_window=self.prompt_window, prompt_pool=self.prompt_pool)
+        if self.merge_rule != MERGE_RULE_DEFAULT:
+            config["merge_rule"] = dict(self.merge_rule)
+        return config

@@ -16,9 +16,9 @@ import platform
 import sys
 from pathlib import Path
 
-from ..policies import MERGE_RULE_DEFAULT, MERGE_TARGETS, MERGE_WEIGHTS
+from ..policies import MERGE_TARGETS, MERGE_WEIGHTS
 from ..prompt import OPTIONS as PROMPT_OPTIONS
-from .caches import GROUP_REDUCES, POLICIES, PROMPT_VARIANTS, default_recent
+from .caches import GROUP_REDUCES, POLICIES, PROMPT_VARIANTS, CacheOptions, default_recent
 from .tasks import TASKS, TaskError, check_depths
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "prompt streams in; snapkv: held, then compressed once by the attention "
                         "of its last --prompt-window tokens; snapkv_merge: the same, dropped "
                         "values merged into their kept neighbours) [stream]")
-    p.add_argument("--prompt-window", type=_positive, default=32,
+    p.add_argument("--prompt-window", type=_positive, default=PROMPT_OPTIONS["prompt_window"],
                    help="snapkv: observation window (last prompt tokens) [%(default)s]")
     p.add_argument("--prompt-pool", type=_pools, default=[PROMPT_OPTIONS["prompt_pool"]],
                    help="snapkv: comma-separated pooling kernels over the window scores (odd); "
@@ -244,8 +244,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                 parser.error(f"argument --prompt-window: budget {b} must exceed --sinks "
                              f"{args.sinks} + --prompt-window {args.prompt_window}")
     args.feed = -(-args.feed // args.chunk_size) * args.chunk_size
-    args.merge_rule = dict(merge_target=args.merge_target, merge_gate=args.merge_gate,
-                           merge_weights=args.merge_weights)
+    # the options every cache of the run shares: built here once, passed down whole
+    args.cache_options = CacheOptions(
+        chunk_size=args.chunk_size, cam_window=args.cam_window, seed=args.seed,
+        backend=args.backend, group_reduce=args.group_reduce, prompt_window=args.prompt_window,
+        prompt_pool=args.prompt_pool[0],
+        merge_rule=dict(merge_target=args.merge_target, merge_gate=args.merge_gate,
+                        merge_weights=args.merge_weights))
     args.parser = parser
     return args
 
@@ -333,14 +338,10 @@ def main(argv=None) -> int:
         datasets = [evdata.tokenize(t, tokenizer, args.docs, args.max_tokens_per_doc) for t in texts]
     except evdata.DataError as e:
         parser.error(str(e))
-    config = {"model": model_desc, "dtype": args.dtype, "chunk_size": args.chunk_size,
-              "cam_window": args.cam_window, "seed": args.seed, "backend": args.backend,
-              "group_reduce": args.group_reduce,
+    config = {"model": model_desc, "dtype": args.dtype, **args.cache_options.config(prompt=False),
               "protocol": "sliding window W, stride W/2, empty cache per window; first window counts "
                           "all targets, later ones their last W/2; ppl = exp(sum NLL / tokens)",
               "datasets": {d.name: d.describe() for d in datasets}}
-    if args.merge_rule != MERGE_RULE_DEFAULT:  # weightedkv's merge rule (absent: the paper's)
-        config["merge_rule"] = args.merge_rule
     try:
         store = ResultStore(args.out, config, environment())
     except ResumeError as e:
@@ -367,9 +368,7 @@ def main(argv=None) -> int:
     status = 0
     try:
         run(model, datasets, cells, store, batch=args.batch, feed=args.feed,
-            chunk_size=args.chunk_size, cam_window=args.cam_window, seed=args.seed,
-            backend=args.backend, group_reduce=args.group_reduce, run_record=record, progress=not args.no_progress,
-            merge_rule=args.merge_rule)
+            options=args.cache_options, run_record=record, progress=not args.no_progress)
     except KeyboardInterrupt:
         status = 130
     store.save()

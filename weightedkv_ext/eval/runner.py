@@ -5,7 +5,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .caches import DISPLAY, cache_factory
+from .caches import DISPLAY, CacheOptions
 from .data import TokenDataset
 from .protocol import evaluate, plan_dataset, token_forwards
 from .report import ResultStore, cell_key
@@ -43,11 +43,10 @@ def plan(datasets: list[TokenDataset], contexts, policies, budgets, sinks, recen
 
 
 def run(model, datasets: list[TokenDataset], cells: list[Cell], store: ResultStore, *,
-        batch: int, feed: int, chunk_size: int, cam_window: int, seed: int, backend: str = "ops",
-        group_reduce: str = "mean", run_record: dict, progress: bool = True,
-        merge_rule: dict | None = None) -> int:
-    """Evaluate the cells missing from ``store``; returns the number run. KeyboardInterrupt leaves
-    every finished cell saved and propagates."""
+        batch: int, feed: int, options: CacheOptions, run_record: dict,
+        progress: bool = True) -> int:
+    """Evaluate the cells missing from ``store`` with caches of ``options``; returns the number
+    run. KeyboardInterrupt leaves every finished cell saved and propagates."""
     from tqdm.auto import tqdm  # the eval extra, imported when a run starts
 
     by_name = {d.name: d for d in datasets}
@@ -62,9 +61,7 @@ def run(model, datasets: list[TokenDataset], cells: list[Cell], store: ResultSto
     try:
         for cell in todo:
             bar.set_description(cell.label)
-            make = cache_factory(cell.policy, cell.budget, cell.sinks or 0, cell.recent, chunk_size,
-                                 cam_window, seed, backend, group_reduce,
-                                 merge_rule=merge_rule)
+            make = options.factory(cell.policy, cell.budget, cell.sinks or 0, cell.recent)
             ds = by_name[cell.dataset]
             t0 = time.perf_counter()
             tot = evaluate(model, ds.docs, cell.context, make, batch=batch, feed=feed,

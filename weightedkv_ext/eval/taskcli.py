@@ -11,11 +11,10 @@ def main_task(args, argv=None) -> int:
 
     from . import data as evdata
     from . import taskreport
-    from .caches import cache_factory, default_recent, prepare, prompt_name
+    from .caches import default_recent, prepare, prompt_name
     from .cli import environment, load_model
     from .taskrun import Cell, ResumeError, TaskStore, plan, run_kl, run_retrieval
     from .tasks import NiahTask, PasskeyTask, TaskError
-    from ..policies import MERGE_RULE_DEFAULT
 
     parser = args.parser
     task = args.task
@@ -37,13 +36,9 @@ def main_task(args, argv=None) -> int:
                          f"exceeds the model's context, max_position_embeddings={limit}; pass "
                          "shorter lengths")
 
-    config = {"model": model_desc, "dtype": args.dtype, "chunk_size": args.chunk_size,
-              "cam_window": args.cam_window, "seed": args.seed, "backend": args.backend,
-              "group_reduce": args.group_reduce}
-    if getattr(args, "prompt_modes", ["stream"]) != ["stream"]:
-        config.update(prompt_window=args.prompt_window, prompt_pool=args.prompt_pool[0])
-    if args.merge_rule != MERGE_RULE_DEFAULT:  # weightedkv's merge rule (absent: the paper's)
-        config["merge_rule"] = args.merge_rule
+    options = args.cache_options
+    config = {"model": model_desc, "dtype": args.dtype,
+              **options.config(prompt=args.prompt_modes != ["stream"])}
     generators, datasets = {}, []
     if task == "passkey":
         generators["filler"] = PasskeyTask(tokenizer, seed=args.seed)
@@ -97,17 +92,13 @@ def main_task(args, argv=None) -> int:
     def make_cache(cell: Cell):
         key = (cell.policy, cell.budget, cell.sinks, cell.recent, cell.prompt)
         if key not in factories:
-            factories[key] = cache_factory(cell.policy, cell.budget, cell.sinks or 0, cell.recent,
-                                           args.chunk_size, args.cam_window, args.seed,
-                                           args.backend, args.group_reduce,
-                                           prompt=cell.prompt, prompt_window=args.prompt_window,
-                                           prompt_pool=args.prompt_pool[0],
-                                           merge_rule=args.merge_rule)
+            factories[key] = options.factory(cell.policy, cell.budget, cell.sinks or 0,
+                                             cell.recent, prompt=cell.prompt)
         return factories[key]()
 
     names = list(generators) if generators else [d.name for d in datasets]
-    pools = getattr(args, "prompt_pool", [7])
-    prompts = [prompt_name(v, p, pools[0]) for v in getattr(args, "prompt_modes", ["stream"])
+    pools = args.prompt_pool
+    prompts = [prompt_name(v, p, pools[0]) for v in args.prompt_modes
                for p in (pools if v != "stream" else pools[:1])]
     cells = plan(task_name, names, args.lengths, args.policies, args.budgets, args.sinks, recent_of,
                  prompts)
@@ -118,8 +109,7 @@ def main_task(args, argv=None) -> int:
     status = 0
     try:
         if task == "kl":
-            full = cache_factory("full", None, args.sinks, None, args.chunk_size, args.cam_window,
-                                 args.seed, args.backend, args.group_reduce)
+            full = options.factory("full", None, args.sinks, None)
             for ds in datasets:
                 for length in args.lengths:
                     here = [c for c in cells if c.dataset == ds.name and c.length == length]
