@@ -61,8 +61,32 @@ WKV_CPU_INLINE void fma8(v8f& acc, const v8f& a, const v8f& b) {
   for (int l = 0; l < 8; ++l) acc[l] = __builtin_fmaf(a[l], b[l], acc[l]);
 }
 
+typedef int32_t v8i __attribute__((vector_size(32)));  // lane masks of v8f comparisons (0 / -1)
+typedef float v4f __attribute__((vector_size(16)));
+
 WKV_CPU_INLINE float combine8(const v8f& s) {
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+// [a0 + a1, a2 + a3, b0 + b1, b2 + b3, a4 + a5, a6 + a7, b4 + b5, b6 + b7] (vhaddps).
+WKV_CPU_INLINE void pair_sums(v8f& out, const v8f& a, const v8f& b) {
+  const v8f even = __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14);
+  const v8f odd = __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+  out = even + odd;
+}
+
+// out[j] = combine8(s_j) for four vectors, with the same additions (the same pairs, in the same
+// tree), done across the four vectors at once instead of one horizontal sum each.
+WKV_CPU_INLINE void combine8x4(float* out, const v8f& a, const v8f& b, const v8f& c,
+                               const v8f& d) {
+  v8f ab, cd, abcd;
+  pair_sums(ab, a, b);        // pairs of a and b
+  pair_sums(cd, c, d);        // pairs of c and d
+  pair_sums(abcd, ab, cd);    // [a0123, b0123, c0123, d0123, a4567, b4567, c4567, d4567]
+  const v4f lo = __builtin_shufflevector(abcd, abcd, 0, 1, 2, 3);
+  const v4f hi = __builtin_shufflevector(abcd, abcd, 4, 5, 6, 7);
+  const v4f sum = lo + hi;
+  __builtin_memcpy(out, &sum, sizeof(sum));
 }
 
 // Dot products of NG query rows (q, row stride D) with NK key rows, each the same sum as
@@ -99,6 +123,16 @@ WKV_CPU_INLINE void dots(const float* q, const float* const* k, int64_t D, float
       load8(q3, q + 3 * D + d);
       fma8<kFma>(s30, q3, k0);
       fma8<kFma>(s31, q3, k1);
+    }
+    if (d == D) {  // no tail: the 8 horizontal sums across the vectors
+      float c[8];
+      combine8x4(c, s00, s01, s10, s11);
+      combine8x4(c + 4, s20, s21, s30, s31);
+      _Pragma("GCC unroll 8")
+      for (int g = 0; g < 4; ++g)
+        _Pragma("GCC unroll 8")
+        for (int j = 0; j < 2; ++j) out[g * out_g_stride + j] = (c[g * 2 + j] + 0.0f) * scale;
+      return;
     }
     s[0][0] = s00, s[0][1] = s01, s[1][0] = s10, s[1][1] = s11;
     s[2][0] = s20, s[2][1] = s21, s[3][0] = s30, s[3][1] = s31;
@@ -178,6 +212,7 @@ WKV_CPU_INLINE const float* row_f32(const T* src, int64_t stride, int64_t D, flo
 struct Scratch {
   std::vector<float> qf, acc, row, logits, sum, plast;
   std::vector<int64_t> seen, spos, cnt, qpos;
+  std::vector<int32_t> vis;   // per union slot: whether the query being normalised sees it
   std::vector<uint8_t> live;  // per tile row: its query sees at least one slot
 };
 constexpr int kRows = 4;          // key/value rows per pass of weighted_values
@@ -269,39 +304,84 @@ WKV_CPU_INLINE void query_logits(const AttentionParams& p, int64_t b, int64_t h,
   }
 }
 
+// The NaN-ignoring max of the probabilities' loop before vectorisation: x replaces m when it is
+// larger or m is NaN. Over a set of values its result is the largest non-NaN value (NaN if there
+// is none) whatever the order; of +0 and -0 it keeps either, which changes no exp(l - m) below.
+WKV_CPU_INLINE float fmax_step(float m, float x) { return (x > m || m != m) ? x : m; }
+
+// max over the entries i < n of l with vis[i] != 0 (vis: 0 / -1 per entry; nullptr = all), by the
+// rule of fmax_step, 8 lanes at a time; NaN when no entry is a number.
+WKV_CPU_INLINE float masked_max(const float* l, const int32_t* vis, int64_t n) {
+  const float nan = __builtin_nanf("");
+  v8f m = v8f{} + nan;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    v8f x;
+    load8(x, l + i);
+    if (vis != nullptr) {
+      v8i v;
+      __builtin_memcpy(&v, vis + i, sizeof(v));
+      x = v != 0 ? x : m;  // an entry the row does not see leaves its lane as it is
+    }
+    m = (x > m) | (m != m) ? x : m;
+  }
+  float mx = nan;
+  _Pragma("GCC unroll 8")
+  for (int k = 0; k < 8; ++k) mx = fmax_step(mx, m[k]);
+  for (; i < n; ++i)
+    if (vis == nullptr || vis[i]) mx = fmax_step(mx, l[i]);
+  return mx;
+}
+
 // Phase 3: per row, in place over the slots it sees: soft-cap, then p = exp(l - m) / Z with m
-// the max logit and Z = sum exp(l - m), both including the head's sink logit when there is one.
-// live[r] = whether the row sees any slot.
+// the max logit and Z = sum exp(l - m) (in slot order), both including the head's sink logit
+// when there is one. live[r] = whether the row sees any slot. Entries of slots the row does not
+// see are left (or made) meaningless and never read.
 WKV_CPU_INLINE void softmax_rows(const AttentionParams& p, int64_t h, const Tile& t, Scratch& s) {
   const int64_t n = t.n;
+  int32_t* vis = s.vis.data();
   for (int64_t qi = 0; qi < t.nq; ++qi) {
+    for (int64_t g = 0; g < p.G; ++g) s.live[qi * p.G + g] = 0;
+    if (s.qpos[qi] < 0) continue;
+    // which union slots query qi sees (shared by its G rows); a single query sees all of them
+    int64_t seen = n;
+    if (!t.all_visible) {
+      seen = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        vis[i] = slot_visible(s.spos[i], s.qpos[qi], p.window) ? -1 : 0;
+        seen += vis[i] != 0;
+      }
+    }
+    if (seen == 0) continue;  // sees nothing
+    const int32_t* v = t.all_visible ? nullptr : vis;
     for (int64_t g = 0; g < p.G; ++g) {
       const int64_t r = qi * p.G + g;
       float* l = &s.logits[r * n];
-      s.live[r] = 0;
-      if (s.qpos[qi] < 0) continue;
-      float mx = 0.0f;
-      bool first = true;
-      for (int64_t i = 0; i < n; ++i) {
-        if (!row_sees(p, t, s, qi, i)) continue;
-        if (p.softcap > 0.0f) l[i] = soft_cap(l[i], p.softcap);
-        if (first) mx = l[i];
-        else mx = (l[i] > mx || mx != mx) ? l[i] : mx;  // fmax
-        first = false;
-      }
-      if (first) continue;  // sees nothing
+      if (p.softcap > 0.0f)
+        for (int64_t i = 0; i < n; ++i)
+          if (v == nullptr || v[i]) l[i] = soft_cap(l[i], p.softcap);
+      float mx = masked_max(l, v, n);
       s.live[r] = 1;
       const float sink = p.sinks ? p.sinks[off(p.sinks_st, h * p.G + g)] : 0.0f;
-      if (p.sinks) mx = (sink > mx || mx != mx) ? sink : mx;
-      float sum = 0.0f;
-      for (int64_t i = 0; i < n; ++i) {
-        if (!row_sees(p, t, s, qi, i)) continue;
-        l[i] = std::exp(l[i] - mx);
-        sum += l[i];
+      if (p.sinks) mx = fmax_step(mx, sink);
+      for (int64_t i = 0; i < n; ++i)
+        if (v == nullptr || v[i]) l[i] = std::exp(l[i] - mx);
+      float sum = 0.0f;  // adding +0 for an unseen slot leaves the (non-negative) sum unchanged
+      if (v == nullptr) {
+        for (int64_t i = 0; i < n; ++i) sum += l[i];
+      } else {
+        for (int64_t i = 0; i < n; ++i) sum += v[i] ? l[i] : 0.0f;
       }
       if (p.sinks) sum += std::exp(sink - mx);
-      for (int64_t i = 0; i < n; ++i)
-        if (row_sees(p, t, s, qi, i)) l[i] = l[i] / sum;
+      int64_t i = 0;
+      const v8f sum8 = v8f{} + sum;
+      for (; i + 8 <= n; i += 8) {  // every entry: the unseen ones are never read
+        v8f x;
+        load8(x, l + i);
+        x = x / sum8;
+        store8(l + i, x);
+      }
+      for (; i < n; ++i) l[i] = l[i] / sum;
     }
   }
 }
@@ -392,6 +472,7 @@ WKV_CPU_INLINE void attention_rows(const AttentionParams& p, int64_t begin, int6
   s.qpos.resize(tq);
   s.seen.resize(C);
   s.spos.resize(C);
+  s.vis.resize(C);
   s.sum.resize(C);
   s.plast.resize(C);
   s.cnt.resize(C);
