@@ -13,9 +13,10 @@
 // probabilities bit for bit). Every per-row result is computed by the same sequence of float
 // operations whatever the tile (a row only ever uses the slots its query sees, in slot order), so
 // block_attention with Q = 1 equals decode_attention bit for bit. Each (b, h) is one task in a
-// fixed order: results do not depend on the thread count. The loops are also compiled for AVX2
-// (picked at run time, isa.h): same operations in the same order, no FMA contraction, hence the
-// same results bit for bit.
+// fixed order: results do not depend on the thread count. The loops are also compiled for
+// AVX2+FMA (picked at run time, isa.h): the same operations in the same order (explicit fused
+// multiply-adds, fmaf per lane in the baseline build; exp by the polynomial exp8, not libm),
+// hence the same results bit for bit.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -216,6 +217,7 @@ struct Scratch {
   std::vector<uint8_t> live;  // per tile row: its query sees at least one slot
 };
 constexpr int kRows = 4;          // key/value rows per pass of weighted_values
+constexpr int64_t kPrefetchFew = 16;  // slot rows prefetched ahead when a tile has <= 8 rows
 constexpr int64_t kTileRows = 64;  // query rows (queries x G heads) sharing each key/value load
 
 // A tile of queries q0 .. q0 + nq - 1 of one (b, h): row r = qi * G + g is query head g of
@@ -289,11 +291,14 @@ WKV_CPU_INLINE void query_logits(const AttentionParams& p, int64_t b, int64_t h,
   };
   const int64_t kbytes = p.keys_st.s3 == 1 ? D * int64_t(sizeof(T)) : 64;
   auto key_prefetch = [&](int64_t i) { prefetch_row(kbase + seen[i] * p.keys_st.s2, kbytes); };
+  // rows ahead: a pass over a few rows (decode: G) is short, so look further ahead to cover a
+  // memory latency; a query tile's long passes need only the next pairs
+  const int64_t ahead = R <= 8 ? kPrefetchFew : 4;
   int64_t i = 0;
   for (; i + 2 <= n; i += 2) {
-    if (i + 5 < n) {
-      key_prefetch(i + 4);
-      key_prefetch(i + 5);
+    if (i + ahead + 1 < n) {
+      key_prefetch(i + ahead);
+      key_prefetch(i + ahead + 1);
     }
     const float* k[2] = {key_row(i, 0), key_row(i + 1, 1)};
     all_rows_dots<kFma, 2>(qf, R, k, D, p.scale, logits + i, n);
@@ -302,6 +307,39 @@ WKV_CPU_INLINE void query_logits(const AttentionParams& p, int64_t b, int64_t h,
     const float* k[1] = {key_row(i, 0)};
     all_rows_dots<kFma, 1>(qf, R, k, D, p.scale, logits + i, n);
   }
+}
+
+// y = exp(x) lane by lane for x <= 0 (the softmax's l - m; NaN gives NaN, x below
+// ln 2^-126 = -87.34 gives 0): x = n ln2 + r with n = nearest integer of x log2(e) (Cody-Waite,
+// ln2 in two parts), exp(r) by Cephes' degree-7 polynomial, times 2^n made in the exponent bits.
+// Within ~2 ulp of exp (glibc's expf is a function call per element and not vectorisable). Plain
+// float operations and fma8 only: the baseline and AVX2 builds give the same bits.
+template <bool kFma>
+WKV_CPU_INLINE void exp8(v8f& y, const v8f& x) {
+  const float lo = -87.3365447f;             // ln(2^-126)
+  const v8f magic = v8f{} + 12582912.0f;     // 1.5 * 2^23: adding it rounds to an integer
+  const v8f xc = x < lo ? v8f{} + lo : x;    // NaN stays NaN
+  v8f t = magic, r = xc, n;
+  fma8<kFma>(t, xc, v8f{} + 1.44269504088896341f);  // x log2(e) + magic
+  n = t - magic;
+  fma8<kFma>(r, n, v8f{} - 0.693359375f);          // r = x - n ln2_hi
+  fma8<kFma>(r, n, v8f{} + 2.12194440e-4f);        // r -= n ln2_lo (ln2_lo < 0)
+  v8f q = v8f{} + 1.9875691500e-4f;
+  const float c[5] = {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
+                      5.0000001201e-1f};
+  _Pragma("GCC unroll 8")
+  for (int k = 0; k < 5; ++k) {
+    v8f a = v8f{} + c[k];
+    fma8<kFma>(a, q, r);
+    q = a;
+  }
+  v8f e = r;
+  fma8<kFma>(e, q, r * r);  // r + q r^2
+  e = e + 1.0f;
+  // 2^n: n (|n| <= 126 here) is the low mantissa bits of t minus those of magic
+  const v8i bits = ((v8i)t - 0x4B400000 + 127) << 23;  // vector casts reinterpret the bits
+  e = e * (v8f)bits;
+  y = x < lo ? v8f{} : e;
 }
 
 // The NaN-ignoring max of the probabilities' loop before vectorisation: x replaces m when it is
@@ -337,6 +375,7 @@ WKV_CPU_INLINE float masked_max(const float* l, const int32_t* vis, int64_t n) {
 // the max logit and Z = sum exp(l - m) (in slot order), both including the head's sink logit
 // when there is one. live[r] = whether the row sees any slot. Entries of slots the row does not
 // see are left (or made) meaningless and never read.
+template <bool kFma>
 WKV_CPU_INLINE void softmax_rows(const AttentionParams& p, int64_t h, const Tile& t, Scratch& s) {
   const int64_t n = t.n;
   int32_t* vis = s.vis.data();
@@ -364,16 +403,35 @@ WKV_CPU_INLINE void softmax_rows(const AttentionParams& p, int64_t h, const Tile
       s.live[r] = 1;
       const float sink = p.sinks ? p.sinks[off(p.sinks_st, h * p.G + g)] : 0.0f;
       if (p.sinks) mx = fmax_step(mx, sink);
-      for (int64_t i = 0; i < n; ++i)
-        if (v == nullptr || v[i]) l[i] = std::exp(l[i] - mx);
+      const v8f mx8 = v8f{} + mx;
+      int64_t i = 0;
+      for (; i + 8 <= n; i += 8) {  // every entry: the unseen ones are never read
+        v8f x;
+        load8(x, l + i);
+        x = x - mx8;
+        exp8<kFma>(x, x);
+        store8(l + i, x);
+      }
+      if (i < n) {  // the last n % 8 entries through a padded vector
+        float tail[8] = {};
+        for (int64_t k = i; k < n; ++k) tail[k - i] = l[k] - mx;
+        v8f x;
+        load8(x, tail);
+        exp8<kFma>(x, x);
+        for (int64_t k = i; k < n; ++k) l[k] = x[k - i];
+      }
       float sum = 0.0f;  // adding +0 for an unseen slot leaves the (non-negative) sum unchanged
       if (v == nullptr) {
         for (int64_t i = 0; i < n; ++i) sum += l[i];
       } else {
         for (int64_t i = 0; i < n; ++i) sum += v[i] ? l[i] : 0.0f;
       }
-      if (p.sinks) sum += std::exp(sink - mx);
-      int64_t i = 0;
+      if (p.sinks) {
+        v8f x = v8f{} + (sink - mx);
+        exp8<kFma>(x, x);
+        sum += x[0];
+      }
+      i = 0;
       const v8f sum8 = v8f{} + sum;
       for (; i + 8 <= n; i += 8) {  // every entry: the unseen ones are never read
         v8f x;
@@ -411,11 +469,12 @@ WKV_CPU_INLINE void weighted_values(const AttentionParams& p, int64_t b, int64_t
   const int64_t* seen = s.seen.data();
   float* row = s.row.data();
   const int64_t vbytes = p.values_st.s3 == 1 ? D * int64_t(sizeof(T)) : 64;
+  const int64_t ahead = t.nq * G <= 8 ? kPrefetchFew : kRows;  // as in query_logits
   int64_t i = 0;
   for (; i + kRows <= n; i += kRows) {
-    if (i + 2 * kRows <= n)
+    if (i + ahead + kRows <= n)
       for (int j = 0; j < kRows; ++j)
-        prefetch_row(vbase + seen[i + kRows + j] * p.values_st.s2, vbytes);
+        prefetch_row(vbase + seen[i + ahead + j] * p.values_st.s2, vbytes);
     const float* v[kRows];
     for (int j = 0; j < kRows; ++j)
       v[j] = row_f32(vbase + seen[i + j] * p.values_st.s2, p.values_st.s3, D, row + j * D);
@@ -496,7 +555,7 @@ WKV_CPU_INLINE void attention_rows(const AttentionParams& p, int64_t begin, int6
       if (any_valid) visible_slots(p, pos, t, s);
       if (t.n > 0) {
         query_logits<kFma, T>(p, b, h, t, s);
-        softmax_rows(p, h, t, s);
+        softmax_rows<kFma>(p, h, t, s);
         weighted_values<kFma, T>(p, b, h, t, s);
       } else {
         std::fill(s.live.begin(), s.live.end(), 0);
