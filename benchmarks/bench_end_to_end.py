@@ -13,6 +13,11 @@ full, wkv, ...) so background load affects both alike; tokens/s = batch x steps 
 time. KV bytes: the key/value tensors each cache holds allocated (DynamicCache: the grown K/V;
 WeightedKVCache: its fixed slots, budget + chunk_size per head), plus, for weightedkv, the bytes of
 the tokens actually held and all its state (statistics, positions).
+
+``--prefill``: instead, the time to prefill SmolLM2 (batch 1) to 1k/2k/4k/8k tokens with
+WeightedKVCache(256) (chunked attention through ``block_attention``) vs sdpa with a full
+DynamicCache; both are fed the same 512-token chunks, alternating chunk by chunk (full, wkv, full,
+...), and the ratio at each context is weightedkv time / full time (issue #15: <= 1.0x).
 """
 from __future__ import annotations
 
@@ -33,9 +38,10 @@ from transformers import DynamicCache  # noqa: E402
 from weightedkv_ext import WeightedKVCache  # noqa: E402
 
 import _model  # noqa: E402
-from _common import machine, md_table, write  # noqa: E402
+from _common import loadavg, machine, md_table, write  # noqa: E402
 
 BUDGET = 256
+PREFILL_CHUNK = 512
 
 
 def decode_pair(model, caches: dict, toks: dict, steps: int) -> dict:
@@ -50,6 +56,41 @@ def decode_pair(model, caches: dict, toks: dict, steps: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+@torch.inference_mode()
+def prefill_main(args, info):
+    """Prefill time to each context, both caches fed the same chunks alternately."""
+    contexts = args.contexts or ([1024, 2048] if args.quick else [1024, 2048, 4096, 8192])
+    model, tok = _model.load()
+    ids = _model.token_ids(tok, max(contexts), 1)
+    for warm in (DynamicCache(), WeightedKVCache(BUDGET)):  # first-call costs off the clock
+        model(input_ids=ids[:, :PREFILL_CHUNK], **_model.cache_kwargs(warm), use_cache=True)
+    caches = {"full": DynamicCache(), f"weightedkv-{BUDGET}": WeightedKVCache(BUDGET)}
+    spent = {k: 0.0 for k in caches}
+    rows, res, done = [], [], 0
+    for ctx in contexts:
+        for s in range(done, ctx, PREFILL_CHUNK):
+            for name, cache in caches.items():
+                t0 = time.perf_counter()
+                model(input_ids=ids[:, s:min(s + PREFILL_CHUNK, ctx)], **_model.cache_kwargs(cache),
+                      use_cache=True)
+                spent[name] += time.perf_counter() - t0
+        done = ctx
+        full, wkv = spent["full"], spent[f"weightedkv-{BUDGET}"]
+        res.append(dict(context=ctx, full_s=full, wkv_s=wkv, ratio=wkv / full, load=loadavg()))
+        rows.append([ctx, f"{full:.1f} s", f"{wkv:.1f} s", f"**{wkv / full:.2f}x**", loadavg()[0]])
+        print(f"prefill to {ctx}: full (sdpa, DynamicCache) {full:.1f} s, weightedkv-{BUDGET} "
+              f"{wkv:.1f} s (ratio {wkv / full:.2f}); load {loadavg()}", flush=True)
+    md = [f"## SmolLM2-135M prefill time (float32, batch 1, chunks of {PREFILL_CHUNK} tokens)", "",
+          f"full = DynamicCache + sdpa; weightedkv = WeightedKVCache(budget={BUDGET}) (chunk attention "
+          "by block_attention). Cumulative time from 0 to each context; the two caches are fed the "
+          "same chunks alternately. Ratio = weightedkv / full (<= 1.0: no slower).", "",
+          md_table(["context", "full", "weightedkv", "ratio", "load (1 min) after"], rows)]
+    j, m = write(args.out if args.out != "bench_end_to_end" else "bench_prefill",
+                 {"machine": info, "config": dict(contexts=contexts, chunk=PREFILL_CHUNK,
+                                                   budget=BUDGET), "prefill": res}, "\n".join(md))
+    print(f"# wrote {j} and {m}; load {loadavg()}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="contexts 1024 2048, 8 tokens, batch 1 and 4")
@@ -58,9 +99,17 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="bench_end_to_end")
+    ap.add_argument("--prefill", action="store_true",
+                    help="prefill time to 1k/2k/4k/8k tokens vs sdpa + DynamicCache (bench_prefill)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.prefill:
+        info = machine()
+        print(f"# machine: {info['nproc']} CPUs, {info['cpu_model']}, threads={info['torch_threads']}, "
+              f"load {info['loadavg_start']}", flush=True)
+        prefill_main(args, info)
+        return
     contexts = args.contexts or ([1024, 2048] if args.quick else [2048, 4096, 8192])
     steps = args.tokens or (8 if args.quick else 32)
     info = machine()

@@ -22,7 +22,11 @@ Policy weightedkv, sinks 4, recent = budget // 2 - 4 (the cache's default rule).
 decode_attention: one query per head over N held keys (N = budget), fused (output + statistics)
 vs ``F.scaled_dot_product_attention`` on a contiguous ``[B, 8, N, 128]`` cache (GQA: enable_gqa,
 and transformers' repeat_kv + sdpa), and sdpa plus what the statistics cost without fusion
-(softmax(q K^T) recomputed, group mean, ``scores += p``, ``counts += 1``).
+(softmax(q K^T) recomputed, group mean, ``scores += p``, ``counts += 1``). The four are
+interleaved ("mixed": sdpa's contiguous K/V are read by three of them and stay in cache, the slot
+cache does not), then fused and sdpa (enable_gqa) again under two protocols that treat their data
+alike: "warm" (an untimed call right before each timed one) and "cold" (an untimed 64 MiB write
+before each timed call). ``--decode-only`` runs just this table (results/bench_decode_attention).
 
 block attention (one prefill chunk step, #15): ``ops.block_attention`` (fused: output + statistics,
 no probabilities stored) vs today's path of the integration (a float32 ``[B, H, G*Q, C]`` logits /
@@ -55,6 +59,7 @@ H, G, D = 8, 4, 128
 HQ = H * G
 SINKS = 4
 CHUNK = 64
+COLD_FLUSH_MIB = 64  # larger than the L2 + L3 a core of the development machine sees
 
 
 def recent_for(budget: int) -> int:
@@ -211,8 +216,35 @@ def bench_decode(B: int, N: int, repeats: int, gen):
         cs.add_(p.mean(2))
         cc.add_(1.0)
 
-    return interleaved({"fused": fused, "sdpa_gqa": sdpa_gqa, "sdpa_repeat_kv": sdpa_repeat,
-                        "sdpa_plus_stats": sdpa_stats}, repeats, warmup=2)
+    mixed = interleaved({"fused": fused, "sdpa_gqa": sdpa_gqa, "sdpa_repeat_kv": sdpa_repeat,
+                         "sdpa_plus_stats": sdpa_stats}, repeats, warmup=2)
+    # The mixed loop is not neutral about caches: three of its four variants read the same
+    # contiguous K/V (ck, cv), so sdpa finds them in cache while the slot cache was evicted a loop
+    # earlier. Two protocols that treat both alike: warm = one untimed call right before each
+    # timed one (the data in cache); cold = an untimed write of COLD_FLUSH_MIB before each timed
+    # call (the data in memory).
+    flush = torch.zeros(COLD_FLUSH_MIB * 2**18)
+
+    def warm(fn):
+        def run():
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+        return run
+
+    def cold(fn):
+        def run():
+            flush.add_(1.0)
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+        return run
+
+    for name, wrap in (("warm", warm), ("cold", cold)):
+        r = interleaved({"fused": wrap(fused), "sdpa_gqa": wrap(sdpa_gqa)}, repeats, warmup=1)
+        mixed[f"fused_{name}"], mixed[f"sdpa_gqa_{name}"] = r["fused"], r["sdpa_gqa"]
+    return mixed
 
 
 
@@ -345,6 +377,45 @@ def block_main(args, info):
     print(f"# wrote {j} and {m}; load {info['loadavg_start']} -> {os.getloadavg()}")
 
 
+def decode_table(budgets, repeats, gen):
+    """The decode-attention comparison at batch 1 and 8 over the budgets: (markdown rows, json)."""
+    dec_rows, dec_json = [], []
+    for B in (1, 8):
+        for N in budgets:
+            r = bench_decode(B, N, repeats, gen)
+            f_, s_ = r["fused"]["median_s"], r["sdpa_gqa"]["median_s"]
+            sr, ss = r["sdpa_repeat_kv"]["median_s"], r["sdpa_plus_stats"]["median_s"]
+            best = min(s_, sr)
+            fm, bm = r["fused"]["min_s"], min(r["sdpa_gqa"]["min_s"], r["sdpa_repeat_kv"]["min_s"])
+            warm = r["sdpa_gqa_warm"]["median_s"] / r["fused_warm"]["median_s"]
+            cold = r["sdpa_gqa_cold"]["median_s"] / r["fused_cold"]["median_s"]
+            dec_json.append(dict(batch=B, keys=N, **{f"{n}_s": x["median_s"] for n, x in r.items()},
+                                 **{f"{n}_min_s": x["min_s"] for n, x in r.items()},
+                                 fused_vs_best_sdpa_min=bm / fm,
+                                 fused_vs_best_sdpa=best / f_, fused_vs_sdpa_plus_stats=ss / f_,
+                                 fused_vs_sdpa_gqa_warm=warm, fused_vs_sdpa_gqa_cold=cold))
+            dec_rows.append([B, N, fmt_time(f_), fmt_time(s_), fmt_time(sr), f"**{best / f_:.2f}x**",
+                             f"{bm / fm:.2f}x", f"**{warm:.2f}x**", f"**{cold:.2f}x**",
+                             fmt_time(ss), f"{ss / f_:.2f}x"])
+            print(f"decode B={B} N={N:5d}: fused {fmt_time(f_)}  sdpa(gqa) {fmt_time(s_)}  "
+                  f"sdpa(repeat_kv) {fmt_time(sr)}  sdpa+stats {fmt_time(ss)}; sdpa(gqa)/fused "
+                  f"mixed {s_ / f_:.2f}, warm {warm:.2f}, cold {cold:.2f}", flush=True)
+    return dec_rows, dec_json
+
+
+def decode_md(dec_rows):
+    return ["## decode attention: fused decode_attention vs sdpa on the same number of keys", "",
+            "fused = output + statistics; speed-up = best sdpa / fused (>= 1: fused no slower); "
+            "mixed = the four variants interleaved (sdpa's contiguous K/V are read by three of them, "
+            "so they stay in cache, the slot cache does not); warm / cold = sdpa (enable_gqa) / "
+            f"fused with each timed call preceded by an untimed call of itself (warm) or by a write "
+            f"of {COLD_FLUSH_MIB} MiB (cold); sdpa+stats = sdpa plus the statistics computed "
+            "separately.", "",
+            md_table(["batch", "keys", "fused", "sdpa (enable_gqa)", "sdpa (repeat_kv)",
+                      "best sdpa / fused (mixed)", "(of mins)", "warm", "cold", "sdpa + stats",
+                      "(sdpa+stats) / fused"], dec_rows)]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="budgets 256/1024 only, fewer repeats")
@@ -359,6 +430,8 @@ def main():
                     help="only the chunk-step comparison of block_attention vs today's path")
     ap.add_argument("--block-shape", type=int, nargs=2, metavar=("BATCH", "BUDGET"), default=None,
                     help="batch and budget of the chunk-step comparison (default 8 4096; quick 2 1024)")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="only the decode-attention table (results/bench_decode_attention)")
     ap.add_argument("--_block-mem", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._block_mem:
@@ -377,6 +450,14 @@ def main():
           f"load {info['loadavg_start']}", flush=True)
     if args.block_only:
         block_main(args, info)
+        return
+    if args.decode_only:
+        dec_rows, dec_json = decode_table(budgets, repeats, gen)
+        out = args.out if args.out != "bench_kernels" else "bench_decode_attention"
+        j, m = write(out, {"machine": info, "config": dict(H=H, G=G, D=D, repeats=repeats,
+                                                            dtype="float32"),
+                           "decode_attention": dec_json}, "\n".join(decode_md(dec_rows)))
+        print(f"# wrote {j} and {m}; load {info['loadavg_end']}")
         return
 
     comp_rows, comp_json = [], []
@@ -403,23 +484,7 @@ def main():
                       f"{fmt_time(v)} ({v / e:.1f}x)  reference {fmt_time(ref) if ref else 'n/a'}"
                       f"  append {fmt_time(ea)} vs cat {fmt_time(ca)}", flush=True)
 
-    dec_rows, dec_json = [], []
-    for B in (1, 8):
-        for N in budgets:
-            r = bench_decode(B, N, repeats, gen)
-            f_, s_ = r["fused"]["median_s"], r["sdpa_gqa"]["median_s"]
-            sr, ss = r["sdpa_repeat_kv"]["median_s"], r["sdpa_plus_stats"]["median_s"]
-            best = min(s_, sr)
-            fm, bm = r["fused"]["min_s"], min(r["sdpa_gqa"]["min_s"], r["sdpa_repeat_kv"]["min_s"])
-            dec_json.append(dict(batch=B, keys=N, **{f"{n}_s": x["median_s"] for n, x in r.items()},
-                                 **{f"{n}_min_s": x["min_s"] for n, x in r.items()},
-                                 fused_vs_best_sdpa_min=bm / fm,
-                                 fused_vs_best_sdpa=best / f_, fused_vs_sdpa_plus_stats=ss / f_))
-            dec_rows.append([B, N, fmt_time(f_), fmt_time(s_), fmt_time(sr), f"**{best / f_:.2f}x**",
-                             f"{bm / fm:.2f}x",
-                             fmt_time(ss), f"{ss / f_:.2f}x"])
-            print(f"decode B={B} N={N:5d}: fused {fmt_time(f_)}  sdpa(gqa) {fmt_time(s_)}  "
-                  f"sdpa(repeat_kv) {fmt_time(sr)}  sdpa+stats {fmt_time(ss)}", flush=True)
+    dec_rows, dec_json = decode_table(budgets, repeats, gen)
 
     md = ["## accumulate + compress (weightedkv policy, float32, 8 KV heads, head_dim 128)", "",
           f"Medians of {repeats} interleaved repeats (the '(of mins)' column: the same ratio from the "
@@ -429,11 +494,7 @@ def main():
           "Cycle = append + accumulate + compress vs torch.cat + vectorised step.", "",
           md_table(["removed", "batch", "budget", "engine", "vectorised", "speed-up", "(of mins)", "reference",
                     "vs ref", "engine append", "torch.cat", "cycle speed-up"], comp_rows), "",
-          "## decode attention: fused decode_attention vs sdpa on the same number of keys", "",
-          "fused = output + statistics; speed-up = best sdpa / fused (>= 1: fused no slower); "
-          "sdpa+stats = sdpa plus the statistics computed separately.", "",
-          md_table(["batch", "keys", "fused", "sdpa (enable_gqa)", "sdpa (repeat_kv)",
-                    "best sdpa / fused", "(of mins)", "sdpa + stats", "(sdpa+stats) / fused"], dec_rows)]
+          *decode_md(dec_rows)]
     payload = {"machine": info, "config": dict(H=H, G=G, D=D, sinks=SINKS, chunk=CHUNK, repeats=repeats,
                                                ref_every=ref_every, dtype="float32"),
                "compress": comp_json, "decode_attention": dec_json}

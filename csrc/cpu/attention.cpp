@@ -13,9 +13,10 @@
 // probabilities bit for bit). Every per-row result is computed by the same sequence of float
 // operations whatever the tile (a row only ever uses the slots its query sees, in slot order), so
 // block_attention with Q = 1 equals decode_attention bit for bit. Each (b, h) is one task in a
-// fixed order: results do not depend on the thread count. The loops are also compiled for AVX2
-// (picked at run time, isa.h): same operations in the same order, no FMA contraction, hence the
-// same results bit for bit.
+// fixed order: results do not depend on the thread count. The loops are also compiled for
+// AVX2+FMA (picked at run time, isa.h): the same operations in the same order (explicit fused
+// multiply-adds, fmaf per lane in the baseline build; exp by the polynomial exp8, not libm),
+// hence the same results bit for bit.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -61,8 +62,32 @@ WKV_CPU_INLINE void fma8(v8f& acc, const v8f& a, const v8f& b) {
   for (int l = 0; l < 8; ++l) acc[l] = __builtin_fmaf(a[l], b[l], acc[l]);
 }
 
+typedef int32_t v8i __attribute__((vector_size(32)));  // lane masks of v8f comparisons (0 / -1)
+typedef float v4f __attribute__((vector_size(16)));
+
 WKV_CPU_INLINE float combine8(const v8f& s) {
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+// [a0 + a1, a2 + a3, b0 + b1, b2 + b3, a4 + a5, a6 + a7, b4 + b5, b6 + b7] (vhaddps).
+WKV_CPU_INLINE void pair_sums(v8f& out, const v8f& a, const v8f& b) {
+  const v8f even = __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14);
+  const v8f odd = __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+  out = even + odd;
+}
+
+// out[j] = combine8(s_j) for four vectors, with the same additions (the same pairs, in the same
+// tree), done across the four vectors at once instead of one horizontal sum each.
+WKV_CPU_INLINE void combine8x4(float* out, const v8f& a, const v8f& b, const v8f& c,
+                               const v8f& d) {
+  v8f ab, cd, abcd;
+  pair_sums(ab, a, b);        // pairs of a and b
+  pair_sums(cd, c, d);        // pairs of c and d
+  pair_sums(abcd, ab, cd);    // [a0123, b0123, c0123, d0123, a4567, b4567, c4567, d4567]
+  const v4f lo = __builtin_shufflevector(abcd, abcd, 0, 1, 2, 3);
+  const v4f hi = __builtin_shufflevector(abcd, abcd, 4, 5, 6, 7);
+  const v4f sum = lo + hi;
+  __builtin_memcpy(out, &sum, sizeof(sum));
 }
 
 // Dot products of NG query rows (q, row stride D) with NK key rows, each the same sum as
@@ -99,6 +124,16 @@ WKV_CPU_INLINE void dots(const float* q, const float* const* k, int64_t D, float
       load8(q3, q + 3 * D + d);
       fma8<kFma>(s30, q3, k0);
       fma8<kFma>(s31, q3, k1);
+    }
+    if (d == D) {  // no tail: the 8 horizontal sums across the vectors
+      float c[8];
+      combine8x4(c, s00, s01, s10, s11);
+      combine8x4(c + 4, s20, s21, s30, s31);
+      _Pragma("GCC unroll 8")
+      for (int g = 0; g < 4; ++g)
+        _Pragma("GCC unroll 8")
+        for (int j = 0; j < 2; ++j) out[g * out_g_stride + j] = (c[g * 2 + j] + 0.0f) * scale;
+      return;
     }
     s[0][0] = s00, s[0][1] = s01, s[1][0] = s10, s[1][1] = s11;
     s[2][0] = s20, s[2][1] = s21, s[3][0] = s30, s[3][1] = s31;
@@ -158,6 +193,36 @@ WKV_CPU_INLINE void axpy_rows(float* acc, const float* const* v, const float* w,
   }
 }
 
+// axpy_rows for two accumulator rows at once (each element: the same sequence of roundings).
+template <bool kFma, int NK>
+WKV_CPU_INLINE void axpy_rows2(float* acc0, float* acc1, const float* const* v, const float* w0,
+                               const float* w1, int64_t D) {
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    v8f a0, a1, x;
+    load8(a0, acc0 + d);
+    load8(a1, acc1 + d);
+    _Pragma("GCC unroll 8")
+    for (int j = 0; j < NK; ++j) {
+      load8(x, v[j] + d);
+      const v8f wa = v8f{} + w0[j], wb = v8f{} + w1[j];
+      fma8<kFma>(a0, wa, x);
+      fma8<kFma>(a1, wb, x);
+    }
+    store8(acc0 + d, a0);
+    store8(acc1 + d, a1);
+  }
+  for (; d < D; ++d) {
+    float a = acc0[d], b = acc1[d];
+    for (int j = 0; j < NK; ++j) {
+      a = __builtin_fmaf(w0[j], v[j][d], a);
+      b = __builtin_fmaf(w1[j], v[j][d], b);
+    }
+    acc0[d] = a;
+    acc1[d] = b;
+  }
+}
+
 // A contiguous float view of one row: the row itself when it already is one, else a converted
 // copy in dst.
 template <class T>
@@ -178,9 +243,11 @@ WKV_CPU_INLINE const float* row_f32(const T* src, int64_t stride, int64_t D, flo
 struct Scratch {
   std::vector<float> qf, acc, row, logits, sum, plast;
   std::vector<int64_t> seen, spos, cnt, qpos;
+  std::vector<int32_t> vis;   // per union slot: whether the query being normalised sees it
   std::vector<uint8_t> live;  // per tile row: its query sees at least one slot
 };
 constexpr int kRows = 4;          // key/value rows per pass of weighted_values
+constexpr int64_t kPrefetchFew = 16;  // slot rows prefetched ahead when a tile has <= 8 rows
 constexpr int64_t kTileRows = 64;  // query rows (queries x G heads) sharing each key/value load
 
 // A tile of queries q0 .. q0 + nq - 1 of one (b, h): row r = qi * G + g is query head g of
@@ -254,11 +321,14 @@ WKV_CPU_INLINE void query_logits(const AttentionParams& p, int64_t b, int64_t h,
   };
   const int64_t kbytes = p.keys_st.s3 == 1 ? D * int64_t(sizeof(T)) : 64;
   auto key_prefetch = [&](int64_t i) { prefetch_row(kbase + seen[i] * p.keys_st.s2, kbytes); };
+  // rows ahead: a pass over a few rows (decode: G) is short, so look further ahead to cover a
+  // memory latency; a query tile's long passes need only the next pairs
+  const int64_t ahead = R <= 8 ? kPrefetchFew : 4;
   int64_t i = 0;
   for (; i + 2 <= n; i += 2) {
-    if (i + 5 < n) {
-      key_prefetch(i + 4);
-      key_prefetch(i + 5);
+    if (i + ahead + 1 < n) {
+      key_prefetch(i + ahead);
+      key_prefetch(i + ahead + 1);
     }
     const float* k[2] = {key_row(i, 0), key_row(i + 1, 1)};
     all_rows_dots<kFma, 2>(qf, R, k, D, p.scale, logits + i, n);
@@ -269,39 +339,137 @@ WKV_CPU_INLINE void query_logits(const AttentionParams& p, int64_t b, int64_t h,
   }
 }
 
+// y = exp(x) lane by lane for x <= 0 (the softmax's l - m; NaN gives NaN, x below
+// ln 2^-126 = -87.34 gives 0): x = n ln2 + r with n = nearest integer of x log2(e) (Cody-Waite,
+// ln2 in two parts), exp(r) by Cephes' degree-7 polynomial, times 2^n made in the exponent bits.
+// Within 1 ulp of exp on [-87.3, 0] (glibc's expf is a function call per element and not vectorisable). Plain
+// float operations and fma8 only: the baseline and AVX2 builds give the same bits.
+template <bool kFma>
+WKV_CPU_INLINE void exp8(v8f& y, const v8f& x) {
+  const float lo = -87.3365447f;             // ln(2^-126)
+  const v8f magic = v8f{} + 12582912.0f;     // 1.5 * 2^23: adding it rounds to an integer
+  const v8f xc = x < lo ? v8f{} + lo : x;    // NaN stays NaN
+  v8f t = magic, r = xc, n;
+  fma8<kFma>(t, xc, v8f{} + 1.44269504088896341f);  // x log2(e) + magic
+  n = t - magic;
+  fma8<kFma>(r, n, v8f{} - 0.693359375f);          // r = x - n ln2_hi
+  fma8<kFma>(r, n, v8f{} + 2.12194440e-4f);        // r -= n ln2_lo (ln2_lo < 0)
+  v8f q = v8f{} + 1.9875691500e-4f;
+  const float c[5] = {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
+                      5.0000001201e-1f};
+  _Pragma("GCC unroll 8")
+  for (int k = 0; k < 5; ++k) {
+    v8f a = v8f{} + c[k];
+    fma8<kFma>(a, q, r);
+    q = a;
+  }
+  v8f e = r;
+  fma8<kFma>(e, q, r * r);  // r + q r^2
+  e = e + 1.0f;
+  // 2^n: n (|n| <= 126 here) is the low mantissa bits of t minus those of magic
+  const v8i bits = ((v8i)t - 0x4B400000 + 127) << 23;  // vector casts reinterpret the bits
+  e = e * (v8f)bits;
+  y = x < lo ? v8f{} : e;
+}
+
+// The NaN-ignoring max of the probabilities' loop before vectorisation: x replaces m when it is
+// larger or m is NaN. Over a set of values its result is the largest non-NaN value (NaN if there
+// is none) whatever the order; of +0 and -0 it keeps either, which changes no exp(l - m) below.
+WKV_CPU_INLINE float fmax_step(float m, float x) { return (x > m || m != m) ? x : m; }
+
+// max over the entries i < n of l with vis[i] != 0 (vis: 0 / -1 per entry; nullptr = all), by the
+// rule of fmax_step, 8 lanes at a time; NaN when no entry is a number.
+WKV_CPU_INLINE float masked_max(const float* l, const int32_t* vis, int64_t n) {
+  const float nan = __builtin_nanf("");
+  v8f m = v8f{} + nan;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    v8f x;
+    load8(x, l + i);
+    if (vis != nullptr) {
+      v8i v;
+      __builtin_memcpy(&v, vis + i, sizeof(v));
+      x = v != 0 ? x : m;  // an entry the row does not see leaves its lane as it is
+    }
+    m = (x > m) | (m != m) ? x : m;
+  }
+  float mx = nan;
+  _Pragma("GCC unroll 8")
+  for (int k = 0; k < 8; ++k) mx = fmax_step(mx, m[k]);
+  for (; i < n; ++i)
+    if (vis == nullptr || vis[i]) mx = fmax_step(mx, l[i]);
+  return mx;
+}
+
 // Phase 3: per row, in place over the slots it sees: soft-cap, then p = exp(l - m) / Z with m
-// the max logit and Z = sum exp(l - m), both including the head's sink logit when there is one.
-// live[r] = whether the row sees any slot.
+// the max logit and Z = sum exp(l - m) (in slot order), both including the head's sink logit
+// when there is one. live[r] = whether the row sees any slot. Entries of slots the row does not
+// see are left (or made) meaningless and never read.
+template <bool kFma>
 WKV_CPU_INLINE void softmax_rows(const AttentionParams& p, int64_t h, const Tile& t, Scratch& s) {
   const int64_t n = t.n;
+  int32_t* vis = s.vis.data();
   for (int64_t qi = 0; qi < t.nq; ++qi) {
+    for (int64_t g = 0; g < p.G; ++g) s.live[qi * p.G + g] = 0;
+    if (s.qpos[qi] < 0) continue;
+    // which union slots query qi sees (shared by its G rows); a single query sees all of them
+    int64_t seen = n;
+    if (!t.all_visible) {
+      seen = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        vis[i] = slot_visible(s.spos[i], s.qpos[qi], p.window) ? -1 : 0;
+        seen += vis[i] != 0;
+      }
+    }
+    if (seen == 0) continue;  // sees nothing
+    const int32_t* v = t.all_visible ? nullptr : vis;
     for (int64_t g = 0; g < p.G; ++g) {
       const int64_t r = qi * p.G + g;
       float* l = &s.logits[r * n];
-      s.live[r] = 0;
-      if (s.qpos[qi] < 0) continue;
-      float mx = 0.0f;
-      bool first = true;
-      for (int64_t i = 0; i < n; ++i) {
-        if (!row_sees(p, t, s, qi, i)) continue;
-        if (p.softcap > 0.0f) l[i] = soft_cap(l[i], p.softcap);
-        if (first) mx = l[i];
-        else mx = (l[i] > mx || mx != mx) ? l[i] : mx;  // fmax
-        first = false;
-      }
-      if (first) continue;  // sees nothing
+      if (p.softcap > 0.0f)
+        for (int64_t i = 0; i < n; ++i)
+          if (v == nullptr || v[i]) l[i] = soft_cap(l[i], p.softcap);
+      float mx = masked_max(l, v, n);
       s.live[r] = 1;
       const float sink = p.sinks ? p.sinks[off(p.sinks_st, h * p.G + g)] : 0.0f;
-      if (p.sinks) mx = (sink > mx || mx != mx) ? sink : mx;
-      float sum = 0.0f;
-      for (int64_t i = 0; i < n; ++i) {
-        if (!row_sees(p, t, s, qi, i)) continue;
-        l[i] = std::exp(l[i] - mx);
-        sum += l[i];
+      if (p.sinks) mx = fmax_step(mx, sink);
+      const v8f mx8 = v8f{} + mx;
+      int64_t i = 0;
+      for (; i + 8 <= n; i += 8) {  // every entry: the unseen ones are never read
+        v8f x;
+        load8(x, l + i);
+        x = x - mx8;
+        exp8<kFma>(x, x);
+        store8(l + i, x);
       }
-      if (p.sinks) sum += std::exp(sink - mx);
-      for (int64_t i = 0; i < n; ++i)
-        if (row_sees(p, t, s, qi, i)) l[i] = l[i] / sum;
+      if (i < n) {  // the last n % 8 entries through a padded vector
+        float tail[8] = {};
+        for (int64_t k = i; k < n; ++k) tail[k - i] = l[k] - mx;
+        v8f x;
+        load8(x, tail);
+        exp8<kFma>(x, x);
+        for (int64_t k = i; k < n; ++k) l[k] = x[k - i];
+      }
+      float sum = 0.0f;  // adding +0 for an unseen slot leaves the (non-negative) sum unchanged
+      if (v == nullptr) {
+        for (int64_t i = 0; i < n; ++i) sum += l[i];
+      } else {
+        for (int64_t i = 0; i < n; ++i) sum += v[i] ? l[i] : 0.0f;
+      }
+      if (p.sinks) {
+        v8f x = v8f{} + (sink - mx);
+        exp8<kFma>(x, x);
+        sum += x[0];
+      }
+      i = 0;
+      const v8f sum8 = v8f{} + sum;
+      for (; i + 8 <= n; i += 8) {  // every entry: the unseen ones are never read
+        v8f x;
+        load8(x, l + i);
+        x = x / sum8;
+        store8(l + i, x);
+      }
+      for (; i < n; ++i) l[i] = l[i] / sum;
     }
   }
 }
@@ -310,9 +478,20 @@ WKV_CPU_INLINE void softmax_rows(const AttentionParams& p, int64_t h, const Tile
 template <bool kFma, int NK>
 WKV_CPU_INLINE void query_axpy(const AttentionParams& p, Scratch& s, int64_t qi,
                                const float* const* v, int64_t i, int64_t n) {
-  for (int64_t g = 0; g < p.G; ++g) {
+  // the G rows of a query are live together (live = the query sees a slot)
+  if (!s.live[qi * p.G]) return;
+  int64_t g = 0;
+  for (; g + 2 <= p.G; g += 2) {  // two rows per pass share each value load
     const int64_t r = qi * p.G + g;
-    if (!s.live[r]) continue;
+    float w0[NK], w1[NK];
+    for (int j = 0; j < NK; ++j) {
+      w0[j] = s.logits[r * n + i + j];
+      w1[j] = s.logits[(r + 1) * n + i + j];
+    }
+    axpy_rows2<kFma, NK>(&s.acc[r * p.D], &s.acc[(r + 1) * p.D], v, w0, w1, p.D);
+  }
+  if (g < p.G) {
+    const int64_t r = qi * p.G + g;
     float w[NK];
     for (int j = 0; j < NK; ++j) w[j] = s.logits[r * n + i + j];
     axpy_rows<kFma, NK>(&s.acc[r * p.D], v, w, p.D);
@@ -331,11 +510,12 @@ WKV_CPU_INLINE void weighted_values(const AttentionParams& p, int64_t b, int64_t
   const int64_t* seen = s.seen.data();
   float* row = s.row.data();
   const int64_t vbytes = p.values_st.s3 == 1 ? D * int64_t(sizeof(T)) : 64;
+  const int64_t ahead = t.nq * G <= 8 ? kPrefetchFew : kRows;  // as in query_logits
   int64_t i = 0;
   for (; i + kRows <= n; i += kRows) {
-    if (i + 2 * kRows <= n)
+    if (i + ahead + kRows <= n)
       for (int j = 0; j < kRows; ++j)
-        prefetch_row(vbase + seen[i + kRows + j] * p.values_st.s2, vbytes);
+        prefetch_row(vbase + seen[i + ahead + j] * p.values_st.s2, vbytes);
     const float* v[kRows];
     for (int j = 0; j < kRows; ++j)
       v[j] = row_f32(vbase + seen[i + j] * p.values_st.s2, p.values_st.s3, D, row + j * D);
@@ -392,6 +572,7 @@ WKV_CPU_INLINE void attention_rows(const AttentionParams& p, int64_t begin, int6
   s.qpos.resize(tq);
   s.seen.resize(C);
   s.spos.resize(C);
+  s.vis.resize(C);
   s.sum.resize(C);
   s.plast.resize(C);
   s.cnt.resize(C);
@@ -415,7 +596,7 @@ WKV_CPU_INLINE void attention_rows(const AttentionParams& p, int64_t begin, int6
       if (any_valid) visible_slots(p, pos, t, s);
       if (t.n > 0) {
         query_logits<kFma, T>(p, b, h, t, s);
-        softmax_rows(p, h, t, s);
+        softmax_rows<kFma>(p, h, t, s);
         weighted_values<kFma, T>(p, b, h, t, s);
       } else {
         std::fill(s.live.begin(), s.live.end(), 0);
