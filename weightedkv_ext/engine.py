@@ -42,6 +42,18 @@ def _index(owner: str, name: str, value, minimum: int) -> int:
     return policies.as_int(owner, name, value, minimum)
 
 
+
+_OP_MODULES: dict = {}  # backend name -> module, imported on first use
+
+
+def _op_module(backend: str):
+    """``weightedkv_ext.ops`` or ``.reference``, imported once: a plain dict lookup after that,
+    which torch.compile traces without a graph break (``importlib`` is skipped by dynamo)."""
+    mod = _OP_MODULES.get(backend)
+    if mod is None:
+        mod = _OP_MODULES[backend] = importlib.import_module(f".{backend}", __package__)
+    return mod
+
 class KVEngine:
     """One layer's compressed KV cache (see the module docstring).
 
@@ -113,7 +125,7 @@ class KVEngine:
         the engine pickles and deep-copies)."""
         if self._ops_override is not None:
             return self._ops_override
-        return importlib.import_module(f".{self.backend}", __package__)
+        return _op_module(self.backend)
 
     @ops.setter
     def ops(self, module) -> None:
