@@ -340,3 +340,37 @@ def test_dropped_cache_is_freed_without_the_cyclic_gc(prompt_mode):
         assert alive() is None and engine() is None
     finally:
         gc.enable()
+
+
+_OPS = ("append", "accumulate", "compress", "decode_attention", "block_attention", "snap_compress")
+
+
+def test_engine_defaults_are_one_table():
+    """policies.OPTIONS and MERGE_RULE_DEFAULT are the engine's defaults: KVEngine,
+    WeightedKVCache and the harness's CacheOptions read them. At the op level the registered
+    schemas (csrc/torch_bindings.cpp) carry the defaults; the Python wrappers, their fake
+    (meta) kernels and reference.py's deliberate copy must equal them, and them the table."""
+    import dataclasses
+    import inspect
+
+    from weightedkv_ext import ops
+    from weightedkv_ext.eval.caches import CacheOptions
+
+    want = {**policies.OPTIONS, **policies.MERGE_RULE_DEFAULT}
+    for fn in (KVEngine.__init__, weightedkv_ext.WeightedKVCache.__init__):
+        sig = inspect.signature(fn).parameters
+        assert {k: sig[k].default for k in want} == want, fn.__qualname__
+    fields = {f.name: f.default for f in dataclasses.fields(CacheOptions)}
+    harness = {k: v for k, v in policies.OPTIONS.items() if k != "chunk_size"}  # chunk_size: required
+    assert {k: fields[k] for k in harness} == harness
+    assert CacheOptions(chunk_size=1).merge_rule == policies.MERGE_RULE_DEFAULT
+    for name in _OPS:
+        schema = {a.name: a.default_value
+                  for a in getattr(torch.ops.weightedkv, name).default._schema.arguments
+                  if a.has_default_value()}
+        for k in set(schema) & set(want):
+            assert schema[k] == want[k], (name, k)
+        for fn in (getattr(ops, name), getattr(ops, f"_{name}_fake"), getattr(reference, name)):
+            sig = inspect.signature(fn).parameters
+            assert {k: sig[k].default for k in schema if k in sig} == schema, \
+                (fn.__module__, fn.__name__)

@@ -270,7 +270,7 @@ def test_defaults_are_prompt_options():
     it; the reference keeps its deliberate copy, which must equal it."""
     import inspect
 
-    from weightedkv_ext.eval.caches import cache_factory
+    from weightedkv_ext.eval.caches import CacheOptions
 
     e = KVEngine(64)
     assert {k: getattr(e, k) for k in prompt.OPTIONS} == prompt.OPTIONS
@@ -278,9 +278,9 @@ def test_defaults_are_prompt_options():
         sig = inspect.signature(fn).parameters
         assert (sig["pool"].default, sig["merge"].default) == \
             (prompt.OPTIONS["prompt_pool"], prompt.OPTIONS["prompt_merge"]), fn
-    sig = inspect.signature(cache_factory).parameters
-    assert sig["prompt_pool"].default == prompt.OPTIONS["prompt_pool"]
-    assert sig["prompt_window"].default == prompt.OPTIONS["prompt_window"]
+    options = CacheOptions(chunk_size=1)
+    assert options.prompt_pool == prompt.OPTIONS["prompt_pool"]
+    assert options.prompt_window == prompt.OPTIONS["prompt_window"]
 
 
 def test_stream_mode_is_the_default_and_unchanged():

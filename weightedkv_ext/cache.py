@@ -20,9 +20,9 @@ import torch
 from transformers import LlamaForCausalLM
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import ops, policies, reference
+from . import policies
 from . import prompt as _prompt_mode
-from .engine import BACKENDS, KVEngine  # noqa: F401  (BACKENDS re-exported)
+from .engine import BACKENDS, KVEngine, _op_module  # noqa: F401  (BACKENDS re-exported)
 
 # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns until 5.40).
 _CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters \
@@ -260,10 +260,15 @@ class WeightedKVCache(Cache):
     """
 
     def __init__(self, budget: int | None, sinks: int = policies.DEFAULT_SINKS,
-                 recent: int | None = None, policy: str = "weightedkv", chunk_size: int = 128,
-                 cam_window: int = 16, seed: int = 0, group_reduce: str = "mean",
-                 backend: str = "ops", *, merge_target: str = "right",
-                 merge_gate: float | None = 0.0, merge_weights: str = "average",
+                 recent: int | None = None, policy: str = "weightedkv",
+                 chunk_size: int = policies.OPTIONS["chunk_size"],
+                 cam_window: int = policies.OPTIONS["cam_window"],
+                 seed: int = policies.OPTIONS["seed"],
+                 group_reduce: str = policies.OPTIONS["group_reduce"],
+                 backend: str = policies.OPTIONS["backend"], *,
+                 merge_target: str = policies.MERGE_RULE_DEFAULT["merge_target"],
+                 merge_gate: float | None = policies.MERGE_RULE_DEFAULT["merge_gate"],
+                 merge_weights: str = policies.MERGE_RULE_DEFAULT["merge_weights"],
                  **prompt_options):
         # One set of rules: the engine validates (and resolves recent=None and the prompt options
         # against prompt.OPTIONS) for every layer.
@@ -283,7 +288,7 @@ class WeightedKVCache(Cache):
     @property
     def ops(self):
         """The module implementing append/accumulate/compress/decode_attention for this cache."""
-        return ops if self.backend == "ops" else reference
+        return _op_module(self.backend)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args, **kwargs):

@@ -42,7 +42,6 @@ def _index(owner: str, name: str, value, minimum: int) -> int:
     return policies.as_int(owner, name, value, minimum)
 
 
-
 _OP_MODULES: dict = {}  # backend name -> module, imported on first use
 
 
@@ -53,6 +52,7 @@ def _op_module(backend: str):
     if mod is None:
         mod = _OP_MODULES[backend] = importlib.import_module(f".{backend}", __package__)
     return mod
+
 
 class KVEngine:
     """One layer's compressed KV cache (see the module docstring).
@@ -83,10 +83,15 @@ class KVEngine:
     transactional = True  # snapshot before mutating, restore on any exception
 
     def __init__(self, budget, sinks=policies.DEFAULT_SINKS, recent=None, policy="weightedkv",
-                 chunk_size=128, cam_window=16, seed=0, group_reduce="mean", backend="ops", *,
+                 chunk_size=policies.OPTIONS["chunk_size"],
+                 cam_window=policies.OPTIONS["cam_window"], seed=policies.OPTIONS["seed"],
+                 group_reduce=policies.OPTIONS["group_reduce"],
+                 backend=policies.OPTIONS["backend"], *,
                  window=0, softcap=0.0, sink_logits=None, head_offset=0, name="KVEngine",
-                 reset_hint="engine.reset()", merge_target="right", merge_gate=0.0,
-                 merge_weights="average", **prompt_options):
+                 reset_hint="engine.reset()",
+                 merge_target=policies.MERGE_RULE_DEFAULT["merge_target"],
+                 merge_gate=policies.MERGE_RULE_DEFAULT["merge_gate"],
+                 merge_weights=policies.MERGE_RULE_DEFAULT["merge_weights"], **prompt_options):
         self.name, self.reset_hint = name, reset_hint
         self.budget, self.sinks, self.recent = policies.resolve(name, policy, budget, sinks,
                                                                 recent)

@@ -57,6 +57,10 @@ GROUP_REDUCES = ("mean", "sum", "max")  # how the G query heads of a KV head mak
 DISPLAY = {p.name: p.display for p in TABLE}
 
 DEFAULT_SINKS = 4  # the paper's attention sinks
+# The one table of the engine's other defaults: KVEngine, WeightedKVCache and the harness's
+# CacheOptions read it (the op schemas in csrc/torch_bindings.cpp carry the op-level ones, and
+# reference.py its deliberate copy; python_tests/test_engine.py checks all of them against it).
+OPTIONS = dict(chunk_size=128, cam_window=16, seed=0, group_reduce="mean", backend="ops")
 
 # weightedkv's merge rule (compress's merge_target / merge_gate / merge_weights; the first entry
 # and 0.0 are the paper's; csrc/kernels/merge.h documents each). Kernels: kMergeTargetNames,

@@ -8,6 +8,7 @@ from typing import Callable
 # reductions come from the one registry, weightedkv_ext/policies.py (re-exported for the CLI).
 from ..policies import DISPLAY, GROUP_REDUCES, POLICIES, default_recent  # noqa: F401
 from ..policies import MERGE_RULE_DEFAULT
+from ..policies import OPTIONS as ENGINE_OPTIONS
 from ..prompt import OPTIONS as PROMPT_OPTIONS
 
 # The harness's prompt variants -> the cache's prompt options (weightedkv_ext/prompt.py).
@@ -53,33 +54,12 @@ def prepare(model):
 
 
 def cache_factory(policy: str, budget: int | None, sinks: int, recent: int | None,
-                  chunk_size: int, cam_window: int = 16, seed: int = 0,
-                  backend: str = "ops", group_reduce: str = "mean", *, prompt: str = "stream",
-                  prompt_window: int = PROMPT_OPTIONS["prompt_window"],
-                  prompt_pool: int = PROMPT_OPTIONS["prompt_pool"],
-                  merge_rule: dict | None = None) -> Callable[[], object]:
-    """A function returning a fresh, empty cache for one batch of windows. ``prompt``: one of
-    ``PROMPT_VARIANTS``; its prompt ends when the harness calls ``cache.end_prompt()``.
-    ``merge_rule``: weightedkv's merge options (``merge_target``/``merge_gate``/
-    ``merge_weights``), applied to ``policy="weightedkv"`` only."""
-    from ..cache import WeightedKVCache
-
-    if policy == "full":
-        budget, recent = None, None
-    variant, pool = parse_prompt(prompt, prompt_pool)
-    extra = dict(PROMPT_VARIANTS[variant])
-    if extra:
-        extra.update(prompt_window=prompt_window, prompt_pool=pool, prompt_end="manual")
-    rule = dict(merge_rule or {}) if policy == "weightedkv" else {}
-
-    def make():
-        return WeightedKVCache(budget, sinks=sinks, recent=recent, policy=policy,
-                               chunk_size=chunk_size, cam_window=cam_window, seed=seed,
-                               group_reduce=group_reduce, backend=backend, **extra,
-                               **rule)
-
-    make()  # validate the arguments now, not in the middle of a run
-    return make
+                  chunk_size: int, *, prompt: str = "stream",
+                  **options) -> Callable[[], object]:
+    """``CacheOptions(chunk_size=chunk_size, **options).factory(...)``: a function returning a
+    fresh, empty cache for one batch of windows."""
+    return CacheOptions(chunk_size=chunk_size, **options).factory(policy, budget, sinks, recent,
+                                                                  prompt=prompt)
 
 
 @dataclass(frozen=True)
@@ -87,23 +67,41 @@ class CacheOptions:
     """The cache options every cell of a run shares, built once from the command line
     (``cli.parse_args``: ``args.cache_options``); a cell adds its policy, budget, sinks, recent
     and prompt variant (``factory``). ``prompt_pool``: the run's first pooling kernel (cells of
-    the others name theirs, ``prompt_name``)."""
+    the others name theirs, ``prompt_name``). ``merge_rule``: weightedkv's merge options
+    (``merge_target``/``merge_gate``/``merge_weights``), applied to ``policy="weightedkv"`` only.
+    The defaults are the engine's (``policies.OPTIONS``, ``prompt.OPTIONS``)."""
 
     chunk_size: int
-    cam_window: int = 16
-    seed: int = 0
-    backend: str = "ops"
-    group_reduce: str = "mean"
+    cam_window: int = ENGINE_OPTIONS["cam_window"]
+    seed: int = ENGINE_OPTIONS["seed"]
+    backend: str = ENGINE_OPTIONS["backend"]
+    group_reduce: str = ENGINE_OPTIONS["group_reduce"]
     prompt_window: int = PROMPT_OPTIONS["prompt_window"]
     prompt_pool: int = PROMPT_OPTIONS["prompt_pool"]
     merge_rule: dict = field(default_factory=lambda: dict(MERGE_RULE_DEFAULT))
 
     def factory(self, policy: str, budget: int | None, sinks: int, recent: int | None, *,
                 prompt: str = "stream") -> Callable[[], object]:
-        return cache_factory(policy, budget, sinks, recent, self.chunk_size, self.cam_window,
-                             self.seed, self.backend, self.group_reduce, prompt=prompt,
-                             prompt_window=self.prompt_window, prompt_pool=self.prompt_pool,
-                             merge_rule=self.merge_rule)
+        """A function returning a fresh, empty cache for one batch of windows. ``prompt``: one
+        of ``PROMPT_VARIANTS``; its prompt ends when the harness calls ``cache.end_prompt()``."""
+        from ..cache import WeightedKVCache
+
+        if policy == "full":
+            budget, recent = None, None
+        variant, pool = parse_prompt(prompt, self.prompt_pool)
+        extra = dict(PROMPT_VARIANTS[variant])
+        if extra:
+            extra.update(prompt_window=self.prompt_window, prompt_pool=pool, prompt_end="manual")
+        rule = {**MERGE_RULE_DEFAULT, **self.merge_rule} if policy == "weightedkv" else {}
+        kwargs = dict(sinks=sinks, recent=recent, policy=policy, chunk_size=self.chunk_size,
+                      cam_window=self.cam_window, seed=self.seed,
+                      group_reduce=self.group_reduce, backend=self.backend, **extra, **rule)
+
+        def make():
+            return WeightedKVCache(budget, **kwargs)
+
+        make()  # validate the arguments now, not in the middle of a run
+        return make
 
     def config(self, prompt: bool) -> dict:
         """The options a run's results record: the prompt options only when a prompt mode other

@@ -201,7 +201,7 @@ def plot_retrieval(data: dict, out: Path) -> list[Path]:
         fig.colorbar(im, ax=axes[0].tolist(), label="accuracy", shrink=0.8)
         fig.suptitle(f"{task}: {_display(p, pm)}", fontsize=10)
         path = out / f"{task}_heatmap_{p}{'' if pm == 'stream' else '_' + pm}.png"
-        fig.savefig(path, dpi=100, metadata={"Software": None})
+        fig.savefig(path, dpi=100, bbox_inches="tight", metadata={"Software": None})
         plt.close(fig)
         paths.append(path)
     cols = _columns(cells)
@@ -236,7 +236,7 @@ def plot_retrieval(data: dict, out: Path) -> list[Path]:
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     path = out / f"{task}_acc_vs_budget.png"
-    fig.savefig(path, dpi=100, metadata={"Software": None})
+    fig.savefig(path, dpi=100, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
     return paths + [path]
 
@@ -322,7 +322,7 @@ def plot_kl(data: dict, out: Path) -> list[Path]:
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     path = out / "kl_vs_budget.png"
-    fig.savefig(path, dpi=100, metadata={"Software": None})
+    fig.savefig(path, dpi=100, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
     return [path]
 
