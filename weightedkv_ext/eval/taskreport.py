@@ -193,9 +193,11 @@ def plot_retrieval(data: dict, out: Path) -> list[Path]:
                         ax.text(j, i, f"{100 * ok / n:.0f}", ha="center", va="center", fontsize=8)
             im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
             ax.set_xticks(range(len(cols)), [f"{_len_label(n)}" for _, n in cols])
-            ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
+            first = ax is axes[0][0]  # depth labels once, at the left: the panels share them
+            ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths] if first else [])
             ax.set_xlabel("context length")
-            ax.set_ylabel("needle depth")
+            if first:
+                ax.set_ylabel("needle depth")
             ax.set_title("full cache" if g is None else f"budget {_budget_label(g, groups)}",
                          fontsize=8)
         fig.colorbar(im, ax=axes[0].tolist(), label="accuracy", shrink=0.8)
