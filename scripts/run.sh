@@ -4,7 +4,7 @@
 #  1. a short version of the paper's Table I (sliding-window perplexity of every policy), printed;
 #  2. a tiny passkey check (docs/results.md, "Retrieval"): a pass key in the middle of a
 #     1,024-token prompt, every policy at budget 256, the prompt streamed through the cache and
-#     held then compressed once by the question (`snapkv`); 2 prompts each, under a minute;
+#     held then compressed once by the question (`snapkv`); 2 prompts each, ~75 s on 2 CPU cores;
 #  3. a greedy generation with WeightedKV at budget 128 over a 1,000-token prompt.
 # Extra arguments go to the perplexity evaluation (e.g. `bash scripts/run.sh --budgets 64,256`).
 set -euo pipefail
