@@ -8,6 +8,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# Every op registered as torch.ops.weightedkv.<name> (csrc/torch_bindings.cpp).
+OPS = ("append", "accumulate", "compress", "decode_attention", "block_attention", "snap_compress")
 
 
 def _load_reference():

@@ -6,9 +6,7 @@ import re
 import pytest
 import torch
 
-from helpers import ROOT, compiled_ops
-
-OPS = ("append", "accumulate", "compress", "decode_attention", "block_attention", "snap_compress")
+from helpers import OPS, ROOT, compiled_ops
 
 
 def sources_cmake() -> dict:

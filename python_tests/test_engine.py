@@ -342,8 +342,6 @@ def test_dropped_cache_is_freed_without_the_cyclic_gc(prompt_mode):
         gc.enable()
 
 
-_OPS = ("append", "accumulate", "compress", "decode_attention", "block_attention", "snap_compress")
-
 
 def test_engine_defaults_are_one_table():
     """policies.OPTIONS and MERGE_RULE_DEFAULT are the engine's defaults: KVEngine,
@@ -353,6 +351,7 @@ def test_engine_defaults_are_one_table():
     import dataclasses
     import inspect
 
+    from helpers import OPS
     from weightedkv_ext import ops
     from weightedkv_ext.eval.caches import CacheOptions
 
@@ -361,10 +360,11 @@ def test_engine_defaults_are_one_table():
         sig = inspect.signature(fn).parameters
         assert {k: sig[k].default for k in want} == want, fn.__qualname__
     fields = {f.name: f.default for f in dataclasses.fields(CacheOptions)}
-    harness = {k: v for k, v in policies.OPTIONS.items() if k != "chunk_size"}  # chunk_size: required
+    # chunk_size is a required field of CacheOptions (every run names it)
+    harness = {k: v for k, v in policies.OPTIONS.items() if k != "chunk_size"}
     assert {k: fields[k] for k in harness} == harness
     assert CacheOptions(chunk_size=1).merge_rule == policies.MERGE_RULE_DEFAULT
-    for name in _OPS:
+    for name in OPS:
         schema = {a.name: a.default_value
                   for a in getattr(torch.ops.weightedkv, name).default._schema.arguments
                   if a.has_default_value()}

@@ -92,7 +92,7 @@ class CacheOptions:
         extra = dict(PROMPT_VARIANTS[variant])
         if extra:
             extra.update(prompt_window=self.prompt_window, prompt_pool=pool, prompt_end="manual")
-        rule = {**MERGE_RULE_DEFAULT, **self.merge_rule} if policy == "weightedkv" else {}
+        rule = dict(self.merge_rule) if policy == "weightedkv" else {}
         kwargs = dict(sinks=sinks, recent=recent, policy=policy, chunk_size=self.chunk_size,
                       cam_window=self.cam_window, seed=self.seed,
                       group_reduce=self.group_reduce, backend=self.backend, **extra, **rule)
