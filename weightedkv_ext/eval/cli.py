@@ -273,6 +273,30 @@ def load_model(name: str, dtype_name: str):
     return model, tokenizer, str(path)
 
 
+def resolve_texts(args) -> list:
+    """The texts named by ``--data`` / ``--domains`` (or the embedded default); a bad name exits
+    with the parser's error."""
+    from . import data as evdata
+
+    try:
+        return evdata.resolve(args.data, args.domains, args.data_dir)
+    except evdata.DataError as e:
+        args.parser.error(str(e))
+
+
+def setup_model(args):
+    """(model, tokenizer, description) for every task: ``--threads`` applied, ``--model`` loaded
+    in ``--dtype`` and prepared for the compressed cache, in eval mode."""
+    import torch
+
+    from .caches import prepare
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer, desc = load_model(args.model, args.dtype)
+    return prepare(model).eval(), tokenizer, desc
+
+
 def environment() -> dict:
     import importlib.metadata as md
 
@@ -320,20 +344,13 @@ def main(argv=None) -> int:
     import torch
 
     from . import data as evdata
-    from .caches import prepare
     from .plot import plot
     from .report import JSON_NAME, MD_NAME, PNG_NAME, ResultStore, ResumeError, markdown
     from .runner import plan, run
 
     parser = args.parser
-    try:
-        texts = evdata.resolve(args.data, args.domains, args.data_dir)
-    except evdata.DataError as e:
-        parser.error(str(e))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer, model_desc = load_model(args.model, args.dtype)
-    model = prepare(model).eval()
+    texts = resolve_texts(args)
+    model, tokenizer, model_desc = setup_model(args)
     try:
         datasets = [evdata.tokenize(t, tokenizer, args.docs, args.max_tokens_per_doc) for t in texts]
     except evdata.DataError as e:

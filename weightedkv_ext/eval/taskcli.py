@@ -11,8 +11,8 @@ def main_task(args, argv=None) -> int:
 
     from . import data as evdata
     from . import taskreport
-    from .caches import default_recent, prepare, prompt_name
-    from .cli import environment, load_model
+    from .caches import default_recent, prompt_name
+    from .cli import environment, resolve_texts, setup_model
     from .taskrun import Cell, ResumeError, TaskStore, plan, run_kl, run_retrieval
     from .tasks import NiahTask, PasskeyTask, TaskError
 
@@ -20,14 +20,8 @@ def main_task(args, argv=None) -> int:
     task = args.task
     texts = []
     if task == "kl" or (task == "niah" and (args.data or args.domains)):
-        try:
-            texts = evdata.resolve(args.data, args.domains, args.data_dir)
-        except evdata.DataError as e:
-            parser.error(str(e))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer, model_desc = load_model(args.model, args.dtype)
-    model = prepare(model).eval()
+        texts = resolve_texts(args)
+    model, tokenizer, model_desc = setup_model(args)
     limit = getattr(model.config, "max_position_embeddings", None)
     extra = args.max_new_tokens_bound = 16
     for length in args.lengths:
