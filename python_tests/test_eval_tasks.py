@@ -234,6 +234,41 @@ def test_retrieval_end_to_end_tiny_llama(model_dir, text_file, tmp_path, task):
     assert all(len(c["results"]) == 9 for c in data["cells"].values())
 
 
+def test_merge_of_lanes_equals_one_run(model_dir, tmp_path, capsys):
+    # Two lanes (other depths, their own --out) merged by taskreport --merge hold what one run of
+    # all depths holds, sample for sample; a lane of another configuration is refused by name.
+    from weightedkv_ext.eval import taskreport
+
+    base = ["--task", "passkey", "--lengths", "320", "--samples", "2", "--batch", "1",
+            "--policies", "full,weightedkv", "--budgets", "40", "--min-full-accuracy", "0"]
+    assert _run(model_dir, tmp_path / "one", *base, "--depths", "0,50,100") == 0
+    assert _run(model_dir, tmp_path / "a", *base, "--depths", "0,50") == 0
+    assert _run(model_dir, tmp_path / "b", *base, "--depths", "100") == 0
+    assert taskreport.main([str(tmp_path / "a"), str(tmp_path / "b"),
+                            "--merge", str(tmp_path / "ab")]) == 0
+    one = json.loads((tmp_path / "one/results_passkey.json").read_text())
+    ab = json.loads((tmp_path / "ab/results_passkey.json").read_text())
+    assert ab["config"] == one["config"] and len(ab["runs"]) == 2
+    assert ab["cells"].keys() == one["cells"].keys()
+    for key, cell in one["cells"].items():
+        assert ab["cells"][key]["results"] == cell["results"], key
+        assert ab["cells"][key]["complete"]
+    assert (tmp_path / "ab/results_passkey.md").read_text().count("(n=6)") == 2
+    # merging a folder with itself adds nothing
+    assert taskreport.main([str(tmp_path / "ab"), str(tmp_path / "a"),
+                            "--merge", str(tmp_path / "ab2")]) == 0
+    again = json.loads((tmp_path / "ab2/results_passkey.json").read_text())
+    assert again["cells"] == ab["cells"]
+    assert _run(model_dir, tmp_path / "c", *base, "--depths", "100", "--chunk-size", "32") == 0
+    with pytest.raises(SystemExit):
+        taskreport.main([str(tmp_path / "a"), str(tmp_path / "c"), "--merge", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert "chunk_size=32" in err and "chunk_size=16" in err and "one configuration" in err
+    with pytest.raises(SystemExit):
+        taskreport.main([str(tmp_path / "nowhere"), "--merge", str(tmp_path / "x")])
+    assert "is not a folder" in capsys.readouterr().err
+
+
 def test_compressed_policies_only_where_the_full_cache_succeeds(model_dir, tmp_path):
     # a random-weight model never finds the pass key: nothing is compared, and the report says so
     assert _run(model_dir, tmp_path, "--task", "passkey", "--lengths", "320", "--depths", "50",

@@ -334,18 +334,53 @@ def markdown(data: dict) -> str:
 
 
 def main(argv=None) -> int:
-    """``python -m weightedkv_ext.eval.taskreport DIR...``: rewrite the tables and plots of the
-    ``results_<task>.json`` files in each folder (no model run)."""
+    """``python -m weightedkv_ext.eval.taskreport DIR... [--merge OUT]``: rewrite the tables and
+    plots of the ``results_<task>.json`` files in each folder (no model run); with ``--merge``,
+    write the union of each task's files (``taskrun.merge_results``: lanes of one experiment run
+    in parallel, each with its own ``--out``) and its report into OUT instead."""
+    import argparse
     import json
-    import sys
 
-    folders = sys.argv[1:] if argv is None else argv
-    for folder in folders:
+    from .taskrun import merge_results
+
+    parser = argparse.ArgumentParser(prog="python -m weightedkv_ext.eval.taskreport",
+                                     description="Rewrite the tables and plots of the task results "
+                                     "(results_<task>.json) in each DIR, or with --merge write "
+                                     "the union of their results, per task, and its report into "
+                                     "OUT (lanes of one experiment run in parallel, each with "
+                                     "its own --out).")
+    parser.add_argument("folders", nargs="+", metavar="DIR")
+    parser.add_argument("--merge", metavar="OUT", default=None,
+                        help="write the union of the folders' results (per task) into OUT")
+    args = parser.parse_args(argv)
+    by_task: dict[str, list] = {}
+    for folder in args.folders:
+        if not Path(folder).is_dir():
+            parser.error(f"argument DIR: {folder!r} is not a folder")
         for path in sorted(Path(folder).glob("results_*.json")):
             data = json.loads(path.read_text(encoding="utf-8"))
             if "task" in data:
-                for p in write(data, path.parent):
+                by_task.setdefault(path.name, []).append((str(path), data))
+    if args.merge is None:
+        for sources in by_task.values():
+            for path, data in sources:
+                for p in write(data, Path(path).parent):
                     print(p)
+        return 0
+    if not by_task:
+        parser.error("argument DIR: no task results (results_<task>.json) in " +
+                     ", ".join(repr(f) for f in args.folders))
+    out = Path(args.merge)
+    for file_name, sources in by_task.items():
+        try:
+            merged = merge_results(sources)
+        except ValueError as e:
+            parser.error(str(e))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / file_name).write_text(json.dumps(merged, indent=1) + "\n", encoding="utf-8")
+        print(out / file_name)
+        for p in write(merged, out):
+            print(p)
     return 0
 
 

@@ -144,6 +144,55 @@ class TaskStore:
             self.on_save(self.data)
 
 
+def merge_results(sources: list[tuple[str, dict]]) -> dict:
+    """The union of task results files (``(name, data)`` pairs, e.g. folders run in parallel as
+    lanes of one experiment): one task and one configuration (documents may differ, as when
+    resuming); cells by key, each the union of its samples (retrieval) or documents (kl), the
+    first source winning a sample two hold; seconds of the samples a source adds; a cell is
+    complete when any source completed it; runs in source order; the first source's environment.
+    Raises ValueError naming the sources and the key that differ."""
+    if not sources:
+        raise ValueError("taskreport --merge: no results to merge")
+    name0, first = sources[0]
+    merged = {k: v for k, v in first.items() if k not in ("config", "cells", "runs")}
+    merged.update(config=json.loads(json.dumps(first["config"])), cells={}, runs=[])
+    for name, data in sources:
+        for key in ("format", "task"):
+            if data.get(key) != first.get(key):
+                raise ValueError(f"taskreport --merge: {name} holds {key}={data.get(key)!r}, "
+                                 f"{name0} holds {key}={first.get(key)!r}; merge results of one "
+                                 "task only")
+        config = merged["config"]
+        for k in sorted(set(config) | set(data["config"])):
+            have, v = config.get(k), data["config"].get(k)
+            if k == "datasets":
+                for ds, desc in (v or {}).items():
+                    old = config.setdefault(k, {}).get(ds)
+                    if old is not None and not _same_docs(old, desc):
+                        raise ValueError(f"taskreport --merge: {name} and {name0} hold dataset "
+                                         f"{ds!r} with other documents or tokens")
+                    if old is None or len(desc["docs"]) > len(old["docs"]):
+                        config[k][ds] = desc
+            elif have != v:
+                raise ValueError(f"taskreport --merge: {name} holds {k}={v!r}, {name0} holds "
+                                 f"{k}={have!r}; only results of one configuration can be merged")
+        merged["runs"] += data.get("runs", [])
+        for key, cell in data["cells"].items():
+            old = merged["cells"].get(key)
+            if old is None:
+                merged["cells"][key] = json.loads(json.dumps(cell))
+                continue
+            extra = {r: v for r, v in cell["results"].items() if r not in old["results"]}
+            if extra:
+                old["results"].update(json.loads(json.dumps(extra)))
+                share = len(extra) / len(cell["results"])
+                old["seconds"] = round(old["seconds"] + cell["seconds"] * share, 3)
+            old["complete"] = bool(old.get("complete") or cell.get("complete"))
+            if not cell.get("skipped"):
+                old.pop("skipped", None)
+    return merged
+
+
 # -- retrieval ---------------------------------------------------------------------------------
 
 
