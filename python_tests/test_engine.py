@@ -136,20 +136,15 @@ def test_integer_like_arguments_are_accepted():
 STAGES = ["grow", "append", "block_attention", "decode_attention", "compress", "compress#2"]
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_any_failure_leaves_the_engine_exactly_as_before(stage, monkeypatch):
-    """A failure injected at each stage of a call (the second chunk's compress for
-    ``compress#2``) raises, leaves the engine bit for bit as before, and the engine then
-    continues exactly like one that never saw the call."""
-    engine, clean = (KVEngine(budget=40, sinks=1, recent=4, chunk_size=8) for _ in range(2))
-    for e in (engine, clean):
-        e.attend(*qkv(T=12, seed=1))  # 16 slots held of 48 possible: the next call grows
-    snap = snapshot(engine)
+class Boom(Exception):
+    pass
+
+
+def inject_failure(engine, stage, monkeypatch) -> None:
+    """Make ``engine`` raise Boom at ``stage``: an op name or ``grow`` (slot growth), ``#n`` for
+    its n-th call within the next attend."""
     op_name, _, nth = stage.partition("#")
     calls = {"n": 0}
-
-    class Boom(Exception):
-        pass
 
     def failing(real):
         def f(*args, **kwargs):
@@ -161,20 +156,88 @@ def test_any_failure_leaves_the_engine_exactly_as_before(stage, monkeypatch):
 
     if op_name == "grow":
         monkeypatch.setattr(engine, "_make_room", failing(engine._make_room))
-    else:
-        class Ops:  # the engine's op module with one op failing
-            pass
-        ops = Ops()
-        for name in ("append", "block_attention", "compress", "decode_attention"):
-            setattr(ops, name, getattr(engine.ops, name))
-        setattr(ops, op_name, failing(getattr(engine.ops, op_name)))
-        monkeypatch.setattr(engine, "ops", ops)
+        return
+
+    class Ops:  # the engine's op module with one op failing
+        pass
+    ops = Ops()
+    for name in ("append", "block_attention", "compress", "decode_attention"):
+        setattr(ops, name, getattr(engine.ops, name))
+    setattr(ops, op_name, failing(getattr(engine.ops, op_name)))
+    monkeypatch.setattr(engine, "ops", ops)
+
+
+@pytest.mark.parametrize("chunk_size", [8, 4])
+@pytest.mark.parametrize("stage", STAGES)
+def test_any_failure_leaves_the_engine_exactly_as_before(stage, chunk_size, monkeypatch):
+    """A failure injected at each stage of a call (the second chunk's compress for
+    ``compress#2``) raises, leaves the engine bit for bit as before, and the engine then
+    continues exactly like one that never saw the call. Chunk 8: the call grows the storage
+    first; chunk 4: its first chunk writes the old storage in place, a later one grows it."""
+    engine, clean = (KVEngine(budget=40, sinks=1, recent=4, chunk_size=chunk_size)
+                     for _ in range(2))
+    for e in (engine, clean):
+        e.attend(*qkv(T=12, seed=1))  # 12 tokens held in 16 slots
+    snap = snapshot(engine)
+    op_name = stage.partition("#")[0]
+    inject_failure(engine, stage, monkeypatch)
     T = 1 if op_name == "decode_attention" else 40  # 40 tokens: 5 chunks, growth, compress
     with pytest.raises(Boom):
         engine.attend(*qkv(T=T, seed=2))
     assert_snapshot(engine, snap)
     monkeypatch.undo()
     for seed, T in ((2, T), (3, 1)):
+        assert torch.equal(engine.attend(*qkv(T=T, seed=seed)), clean.attend(*qkv(T=T, seed=seed)))
+    assert_snapshot(engine, snapshot(clean))
+
+
+@pytest.mark.parametrize("stage", ["grow", "append", "append#2", "block_attention#2",
+                                   "decode_attention"])
+def test_full_cache_failure_restores_without_copying_its_tokens(stage, monkeypatch):
+    """The full cache never compresses, so its snapshot copies the statistics and positions but
+    not the keys and values (a decode step would otherwise copy the whole cache): a failure after
+    some chunks were appended (``append#2``: the second chunk's) still leaves the engine bit for
+    bit as before, and it continues like one that never saw the call."""
+    engine, clean = (KVEngine(budget=None, policy="full", chunk_size=4) for _ in range(2))
+    for e in (engine, clean):
+        e.attend(*qkv(T=12, seed=1))  # 16 slots: the next call's first chunk fills them in place
+    snap = snapshot(engine)
+    copied = []
+    real_clone = torch.Tensor.clone
+
+    def spy_clone(t, *a, **kw):
+        copied.append(t.shape)
+        return real_clone(t, *a, **kw)
+
+    op_name = stage.partition("#")[0]
+    inject_failure(engine, stage, monkeypatch)
+    monkeypatch.setattr(torch.Tensor, "clone", spy_clone)
+    T = 1 if op_name == "decode_attention" else 40
+    with pytest.raises(Boom):
+        engine.attend(*qkv(T=T, seed=2))
+    assert tuple(engine.keys.shape) not in [tuple(s) for s in copied]  # no copy of the tokens
+    assert_snapshot(engine, snap)
+    monkeypatch.undo()
+    for seed, T in ((2, T), (3, 1)):
+        assert torch.equal(engine.attend(*qkv(T=T, seed=seed)), clean.attend(*qkv(T=T, seed=seed)))
+    assert_snapshot(engine, snapshot(clean))
+
+
+@pytest.mark.parametrize("policy", ["full", "weightedkv"])
+def test_failure_after_leaving_inference_mode_restores(policy, monkeypatch):
+    """A cache filled under inference_mode, then called outside it (its tensors are copied as
+    normal ones first), fails in its second chunk: the original error is raised (restoring does
+    not try to write the inference tensors) and the engine continues like a clean one."""
+    kw = dict(budget=None) if policy == "full" else dict(budget=40, sinks=1, recent=4)
+    engine, clean = (KVEngine(policy=policy, chunk_size=4, **kw) for _ in range(2))
+    with torch.inference_mode():
+        for e in (engine, clean):
+            e.attend(*qkv(T=12, seed=1))
+    inject_failure(engine, "append#2", monkeypatch)
+    with pytest.raises(Boom):
+        engine.attend(*qkv(T=12, seed=2))
+    monkeypatch.undo()
+    for seed, T in ((2, 12), (3, 1)):
         assert torch.equal(engine.attend(*qkv(T=T, seed=seed)), clean.attend(*qkv(T=T, seed=seed)))
     assert_snapshot(engine, snapshot(clean))
 

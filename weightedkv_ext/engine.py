@@ -379,7 +379,7 @@ class KVEngine:
         scale = D ** -0.5 if scale is None else float(scale)
         feats = (window, softcap, sink_logits)
         with torch.no_grad():  # inference only (checked above): nothing to record
-            saved = self._snapshot()
+            saved = self._snapshot(appends_only=self._appends_only(window))
             try:
                 self.window = window
                 out = self._step(query, key, value, real, positions, scale, feats)
@@ -405,24 +405,44 @@ class KVEngine:
                 self._restore(saved)
                 raise
 
-    def _snapshot(self):
+    def _appends_only(self, window) -> bool:
+        """Whether a call with this ``window`` only appends (a full cache: nothing compressed,
+        no sliding window, no prompt to end), so the tokens held before it are never moved."""
+        return self.policy == "full" and not window and not self.window \
+            and not _prompt_mode.in_prompt(self)
+
+    def _snapshot(self, appends_only: bool = False):
+        """The state to restore on an exception. The ops write in place, so the state tensors
+        are copied, and copied back on restore even where a later chunk replaced them by grown
+        ones (earlier chunks may have written them in place first). A call that only
+        appends (``_appends_only``) writes keys and values into free slots alone, which hold zeros
+        (slots are never freed without compression): those two, the bulk of the memory, are not
+        copied but their newly written slots zeroed again on restore (a full-cache decode step
+        would otherwise copy the whole cache)."""
         attrs = {n: getattr(self, n) for n in self._TENSORS}
         attrs.update(seen=self.seen, peak_block=self.peak_block, window=self.window,
                      _prompt=self._prompt)
+        self._clones, self._zero_free = {}, ()
         if self.transactional and self.is_initialized:
-            # The ops write in place: keep copies (replaced tensors need none, see _make_room).
-            self._clones = {n: t.clone() for n, t in attrs.items() if isinstance(t, Tensor)}
-        else:
-            self._clones = {}
+            skip = ("keys", "values") if appends_only else ()
+            self._clones = {n: t.clone() for n, t in attrs.items()
+                            if isinstance(t, Tensor) and n not in skip}
+            self._zero_free = skip
         return attrs
 
     def _restore(self, saved) -> None:
         clones = self._clones
+        # Outside inference mode an inference tensor cannot have been written (the write would
+        # have raised; _own_tensors replaced it by a copy first): it is kept as it is.
+        frozen = not torch.is_inference_mode_enabled()
+        for n in self._zero_free:  # slots free before the call (slot_pos -1) hold zeros again
+            if not (frozen and saved[n].is_inference()):
+                saved[n].masked_fill_((clones["slot_pos"] < 0)[..., None], 0)
         for n, v in saved.items():
-            if isinstance(v, Tensor) and getattr(self, n) is v and n in clones:
-                v.copy_(clones[n])  # the same tensor was written in place: copy back
+            if n in clones and not (frozen and v.is_inference()):
+                v.copy_(clones[n])  # written in place, maybe before a later chunk grew it
             setattr(self, n, v)
-        self._clones = {}
+        self._clones, self._zero_free = {}, ()
 
     def _own_tensors(self) -> None:
         """Make the state writable in the current mode: tensors created under inference_mode
