@@ -11,11 +11,15 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 weightedkv_ext = pytest.importorskip("weightedkv_ext",
                                      reason="weightedkv_ext is not built (bash scripts/build.sh)")
 from weightedkv_ext import policies, reference  # noqa: E402
 from weightedkv_ext.engine import KVEngine  # noqa: E402
+
+from test_fuzz_ops import fuzz_settings  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -240,6 +244,68 @@ def test_failure_after_leaving_inference_mode_restores(policy, monkeypatch):
     for seed, T in ((2, 12), (3, 1)):
         assert torch.equal(engine.attend(*qkv(T=T, seed=seed)), clean.attend(*qkv(T=T, seed=seed)))
     assert_snapshot(engine, snapshot(clean))
+
+
+@fuzz_settings(200)
+@given(data=st.data())
+def test_fuzz_any_failure_restores_exactly(data):
+    """Random engines (every policy, budgets, chunk sizes, sliding windows, snapkv prompts held or
+    ended, filled in or out of inference mode) and a failure at a random op call of the next
+    call: the engine is bit for bit as before and continues like one that never saw the call."""
+    draw = data.draw
+    policy = draw(st.sampled_from(list(policies.POLICIES)), label="policy")
+    kw = dict(policy=policy, chunk_size=draw(st.sampled_from([1, 2, 3, 4, 8]), label="chunk"),
+              window=draw(st.sampled_from([0, 0, 6]), label="window"))
+    if policy == "full":
+        kw["budget"] = None
+    else:
+        kw["budget"] = draw(st.sampled_from([8, 12, 20]), label="budget")
+        kw["sinks"] = draw(st.integers(0, 2), label="sinks")
+        kw["recent"] = draw(st.integers(0, 4), label="recent")
+        if draw(st.booleans(), label="snapkv"):
+            kw.update(prompt_mode="snapkv", prompt_end="manual", prompt_window=4)
+    engine, clean = KVEngine(**kw), KVEngine(**kw)
+    seed, T0 = draw(st.integers(0, 99), label="seed"), draw(st.sampled_from([1, 5, 12, 30]))
+    with torch.inference_mode(draw(st.booleans(), label="filled in inference mode")):
+        for e in (engine, clean):
+            e.attend(*qkv(T=T0, seed=seed))
+    if kw.get("prompt_mode") and draw(st.booleans(), label="prompt ended"):
+        for e in (engine, clean):
+            e.end_prompt()
+    snap = snapshot(engine)
+    op = draw(st.sampled_from(["grow", "append", "block_attention", "decode_attention",
+                               "compress"]), label="op")
+    stage = f"{op}#{draw(st.integers(1, 3), label='nth call')}"
+    T = 1 if op == "decode_attention" else draw(st.sampled_from([3, 9, 17, 40]), label="T")
+    with pytest.MonkeyPatch.context() as mp:
+        inject_failure(engine, stage, mp)
+        try:
+            engine.attend(*qkv(T=T, seed=seed + 1))
+            failed = False
+        except Boom:
+            failed = True
+    if failed:
+        assert_snapshot(engine, snap)
+    else:  # the op was called fewer times than nth: the call went through
+        clean.attend(*qkv(T=T, seed=seed + 1))
+    for sd, t in ((seed + 1, T), (seed + 2, 1)):
+        assert torch.equal(engine.attend(*qkv(T=t, seed=sd)), clean.attend(*qkv(T=t, seed=sd)))
+    assert_snapshot(engine, snapshot(clean))
+
+
+def test_prompt_held_under_inference_mode_ends_outside_it():
+    """A snapkv prompt prefilled under torch.inference_mode() and ended outside it (e.g. a
+    manual end_prompt() after the prefill block) compresses like one run in a single mode."""
+    kw = dict(budget=12, sinks=1, recent=2, chunk_size=4, prompt_mode="snapkv", prompt_window=4,
+              prompt_end="manual")
+    engine, clean = KVEngine(**kw), KVEngine(**kw)
+    with torch.inference_mode():
+        engine.attend(*qkv(T=30, seed=1))
+    clean.attend(*qkv(T=30, seed=1))
+    engine.end_prompt()
+    clean.end_prompt()
+    assert_snapshot(engine, snapshot(clean))
+    assert torch.equal(engine.attend(*qkv(T=1, seed=2)), clean.attend(*qkv(T=1, seed=2)))
 
 
 @pytest.mark.parametrize("bad", ["value dtype", "value device", "kv heads", "value head_dim",

@@ -400,6 +400,7 @@ class KVEngine:
         with torch.no_grad():
             saved = self._snapshot()
             try:
+                self._own_tensors()  # a prompt held under inference_mode, ended outside it
                 _prompt_mode.end(self)
             except BaseException:
                 self._restore(saved)
