@@ -154,8 +154,7 @@ def merge_results(sources: list[tuple[str, dict]]) -> dict:
     if not sources:
         raise ValueError("taskreport --merge: no results to merge")
     name0, first = sources[0]
-    merged = {k: v for k, v in first.items() if k not in ("config", "cells", "runs")}
-    merged.update(config=json.loads(json.dumps(first["config"])), cells={}, runs=[])
+    merged = dict(first, config=json.loads(json.dumps(first["config"])), cells={}, runs=[])
     for name, data in sources:
         for key in ("format", "task"):
             if data.get(key) != first.get(key):
