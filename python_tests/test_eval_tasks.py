@@ -269,6 +269,39 @@ def test_merge_of_lanes_equals_one_run(model_dir, tmp_path, capsys):
     assert "is not a folder" in capsys.readouterr().err
 
 
+def test_balanced_merge_keeps_the_prompt_indices_of_every_depth(model_dir, tmp_path, capsys):
+    # A top-up interrupted part-way (prompts run depth by depth) leaves a cell with more prompts at
+    # some depths; --balanced keeps only the indices present at every depth, the rest untouched.
+    from weightedkv_ext.eval import taskreport
+
+    assert _run(model_dir, tmp_path / "a", "--task", "passkey", "--lengths", "320", "--samples",
+                "2", "--batch", "1", "--policies", "full,weightedkv", "--budgets", "40",
+                "--min-full-accuracy", "0", "--depths", "0,50") == 0
+    data = json.loads((tmp_path / "a/results_passkey.json").read_text())
+    key = "passkey/filler/len320/weightedkv/b40/s4/r16"
+    whole = dict(data["cells"][key]["results"])
+    assert sorted(whole) == ["0/0", "0/1", "50/0", "50/1"]
+    del data["cells"][key]["results"]["50/1"]
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut/results_passkey.json").write_text(json.dumps(data))
+    assert taskreport.main([str(tmp_path / "cut"), "--merge", str(tmp_path / "plain")]) == 0
+    plain = json.loads((tmp_path / "plain/results_passkey.json").read_text())
+    assert sorted(plain["cells"][key]["results"]) == ["0/0", "0/1", "50/0"]
+    capsys.readouterr()
+    assert taskreport.main([str(tmp_path / "cut"), "--merge", str(tmp_path / "even"),
+                            "--balanced"]) == 0
+    assert f"{key}: dropped 1 prompts" in capsys.readouterr().out
+    even = json.loads((tmp_path / "even/results_passkey.json").read_text())
+    assert even["cells"][key]["results"] == {k: whole[k] for k in ("0/0", "50/0")}
+    assert even["cells"][key]["seconds"] < data["cells"][key]["seconds"]
+    full = "passkey/filler/len320/full"
+    assert even["cells"][full] == data["cells"][full]
+    assert "(n=2)" in (tmp_path / "even/results_passkey.md").read_text()
+    with pytest.raises(SystemExit):
+        taskreport.main([str(tmp_path / "cut"), "--balanced"])
+    assert "only with --merge" in capsys.readouterr().err
+
+
 def test_compressed_policies_only_where_the_full_cache_succeeds(model_dir, tmp_path):
     # a random-weight model never finds the pass key: nothing is compared, and the report says so
     assert _run(model_dir, tmp_path, "--task", "passkey", "--lengths", "320", "--depths", "50",

@@ -334,14 +334,15 @@ def markdown(data: dict) -> str:
 
 
 def main(argv=None) -> int:
-    """``python -m weightedkv_ext.eval.taskreport DIR... [--merge OUT]``: rewrite the tables and
-    plots of the ``results_<task>.json`` files in each folder (no model run); with ``--merge``,
-    write the union of each task's files (``taskrun.merge_results``: lanes of one experiment run
-    in parallel, each with its own ``--out``) and its report into OUT instead."""
+    """``python -m weightedkv_ext.eval.taskreport DIR... [--merge OUT [--balanced]]``: rewrite the
+    tables and plots of the ``results_<task>.json`` files in each folder (no model run); with
+    ``--merge``, write the union of each task's files (``taskrun.merge_results``: lanes of one
+    experiment run in parallel, each with its own ``--out``) and its report into OUT instead,
+    with ``--balanced`` trimmed to the prompt indices present at every depth (``taskrun.balance``)."""
     import argparse
     import json
 
-    from .taskrun import merge_results
+    from .taskrun import balance, merge_results
 
     parser = argparse.ArgumentParser(prog="python -m weightedkv_ext.eval.taskreport",
                                      description="Rewrite the tables and plots of the task results "
@@ -352,7 +353,13 @@ def main(argv=None) -> int:
     parser.add_argument("folders", nargs="+", metavar="DIR")
     parser.add_argument("--merge", metavar="OUT", default=None,
                         help="write the union of the folders' results (per task) into OUT")
+    parser.add_argument("--balanced", action="store_true",
+                        help="with --merge: keep in each retrieval cell only the prompt indices "
+                        "present at every depth (a top-up interrupted part-way runs depth by depth "
+                        "and would skew the cell's depth mix)")
     args = parser.parse_args(argv)
+    if args.balanced and args.merge is None:
+        parser.error("argument --balanced: only with --merge OUT")
     by_task: dict[str, list] = {}
     for folder in args.folders:
         if not Path(folder).is_dir():
@@ -376,6 +383,9 @@ def main(argv=None) -> int:
             merged = merge_results(sources)
         except ValueError as e:
             parser.error(str(e))
+        if args.balanced:
+            for key, n in balance(merged).items():
+                print(f"{file_name}: {key}: dropped {n} prompts (indices not run at every depth)")
         out.mkdir(parents=True, exist_ok=True)
         (out / file_name).write_text(json.dumps(merged, indent=1) + "\n", encoding="utf-8")
         print(out / file_name)

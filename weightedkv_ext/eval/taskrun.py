@@ -192,6 +192,30 @@ def merge_results(sources: list[tuple[str, dict]]) -> dict:
     return merged
 
 
+def balance(data: dict) -> dict[str, int]:
+    """Keep in each retrieval cell of ``data`` (in place) only the prompt indices stored at every
+    depth the cell holds, so that a top-up interrupted part-way (prompts run depth by depth) does
+    not skew the cell's depth mix; its seconds shrink in proportion. Returns {cell key: prompts
+    dropped} for the cells it changed; ``kl`` results (keyed by document) are left as they are."""
+    dropped = {}
+    if data.get("task") == "kl":
+        return dropped
+    for key, cell in data["cells"].items():
+        by_depth: dict[str, set[str]] = {}
+        for sample in cell["results"]:
+            depth, index = sample.split("/")
+            by_depth.setdefault(depth, set()).add(index)
+        if not by_depth:
+            continue
+        keep = set.intersection(*by_depth.values())
+        kept = {s: r for s, r in cell["results"].items() if s.split("/")[1] in keep}
+        if len(kept) < len(cell["results"]):
+            dropped[key] = len(cell["results"]) - len(kept)
+            cell["seconds"] = round(cell["seconds"] * len(kept) / len(cell["results"]), 3)
+            cell["results"] = kept
+    return dropped
+
+
 # -- retrieval ---------------------------------------------------------------------------------
 
 
