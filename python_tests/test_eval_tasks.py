@@ -287,6 +287,8 @@ def test_balanced_merge_keeps_the_prompt_indices_of_every_depth(model_dir, tmp_p
     assert taskreport.main([str(tmp_path / "cut"), "--merge", str(tmp_path / "plain")]) == 0
     plain = json.loads((tmp_path / "plain/results_passkey.json").read_text())
     assert sorted(plain["cells"][key]["results"]) == ["0/0", "0/1", "50/0"]
+    # groups of 2+ prompts per (cell, depth): full at 0 and 50, weightedkv at 0 (50 holds one)
+    assert "of the 3 (cell, depth) groups" in (tmp_path / "plain/results_passkey.md").read_text()
     capsys.readouterr()
     assert taskreport.main([str(tmp_path / "cut"), "--merge", str(tmp_path / "even"),
                             "--balanced"]) == 0
@@ -300,6 +302,18 @@ def test_balanced_merge_keeps_the_prompt_indices_of_every_depth(model_dir, tmp_p
     with pytest.raises(SystemExit):
         taskreport.main([str(tmp_path / "cut"), "--balanced"])
     assert "only with --merge" in capsys.readouterr().err
+
+
+def test_unanimous_counts_depth_groups_whose_verdicts_agree():
+    from weightedkv_ext.eval.taskreport import unanimous
+
+    ok = lambda v: {"ok": v}  # noqa: E731
+    cell = {"results": {"0/0": ok(True), "0/1": ok(False), "50/0": ok(True), "50/1": ok(True),
+                        "50/2": ok(True), "100/0": ok(False)}}
+    other = {"results": {"0/0": ok(False), "0/1": ok(False)}}
+    assert unanimous([cell]) == (1, 2)
+    assert unanimous([cell, other]) == (2, 3)
+    assert unanimous([{"results": {"0/0": ok(True)}}]) == (0, 0)
 
 
 def test_compressed_policies_only_where_the_full_cache_succeeds(model_dir, tmp_path):

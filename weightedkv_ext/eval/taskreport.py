@@ -14,6 +14,21 @@ from .caches import DISPLAY, POLICIES, default_recent, prompt_display, prompt_or
 from .tasks import wilson
 
 
+def unanimous(cells: list[dict]) -> tuple[int, int]:
+    """(groups whose verdicts all agree, groups): the prompts of each retrieval cell grouped by
+    depth, groups of one prompt left out."""
+    agree = groups = 0
+    for c in cells:
+        by_depth: dict[str, list[bool]] = {}
+        for sample, r in c["results"].items():
+            by_depth.setdefault(sample.split("/")[0], []).append(r["ok"])
+        for oks in by_depth.values():
+            if len(oks) > 1:
+                groups += 1
+                agree += len(set(oks)) == 1
+    return agree, groups
+
+
 def md_name(task: str) -> str:
     return f"results_{task}.md"
 
@@ -144,6 +159,12 @@ def retrieval_markdown(data: dict) -> str:
     secs = sum(c["seconds"] for c in cells)
     prompts = sum(len(c["results"]) for c in cells)
     lines.append(f"- {prompts} prompts in {secs:.0f} s of model time.")
+    agree, n_groups = unanimous(cells)
+    if n_groups:
+        lines.append(f"- In {agree} of the {n_groups} (cell, depth) groups of two or more prompts all "
+                     "verdicts agree: where a needle sits decides more than which prompt it is, "
+                     "so a cell is closer to one trial per depth than to n independent ones and "
+                     "its Wilson interval (computed for n) is too narrow.")
     lines += ["", "Per depth (correct / n):", "",
               "| Budget | Policy | Length | " + " | ".join(f"{d:g}%" for d in depths) + " |",
               "|---|---|---|" + "---:|" * len(depths)]
