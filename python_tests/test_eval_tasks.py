@@ -304,6 +304,13 @@ def test_balanced_merge_keeps_the_prompt_indices_of_every_depth(model_dir, tmp_p
     assert "only with --merge" in capsys.readouterr().err
 
 
+def test_sample_keys_round_trip():
+    # one format, written by the runner and read back by balance, counts and unanimous
+    assert tasks.sample_key(10.0, 3) == "10/3"
+    for depth, index in [(0.0, 0), (12.5, 3), (100.0, 54)]:
+        assert tasks.split_sample_key(tasks.sample_key(depth, index)) == (depth, index)
+
+
 def test_unanimous_counts_depth_groups_whose_verdicts_agree():
     from weightedkv_ext.eval.taskreport import unanimous
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .caches import DISPLAY, POLICIES, default_recent, prompt_display, prompt_order
-from .tasks import wilson
+from .tasks import split_sample_key, wilson
 
 
 def unanimous(cells: list[dict]) -> tuple[int, int]:
@@ -19,9 +19,9 @@ def unanimous(cells: list[dict]) -> tuple[int, int]:
     depth, groups of one prompt left out."""
     agree = groups = 0
     for c in cells:
-        by_depth: dict[str, list[bool]] = {}
+        by_depth: dict[float, list[bool]] = {}
         for sample, r in c["results"].items():
-            by_depth.setdefault(sample.split("/")[0], []).append(r["ok"])
+            by_depth.setdefault(split_sample_key(sample)[0], []).append(r["ok"])
         for oks in by_depth.values():
             if len(oks) > 1:
                 groups += 1
@@ -96,12 +96,12 @@ def _display(policy: str, prompt: str) -> str:
 
 def counts(cell: dict, depth: float | None = None) -> tuple[int, int]:
     res = [r for k, r in cell["results"].items()
-           if depth is None or float(k.split("/")[0]) == depth]
+           if depth is None or split_sample_key(k)[0] == depth]
     return sum(1 for r in res if r["ok"]), len(res)
 
 
 def depths_of(cells: list[dict]) -> list[float]:
-    return sorted({float(k.split("/")[0]) for c in cells for k in c["results"]})
+    return sorted({split_sample_key(k)[0] for c in cells for k in c["results"]})
 
 
 def full_accuracy(cells, dataset, length) -> float | None:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .caches import DISPLAY, POLICIES, prompt_display
+from .tasks import exact_match, sample_key, split_sample_key
 
 FORMAT = "weightedkv_ext.eval.tasks/1"
 
@@ -201,14 +202,14 @@ def balance(data: dict) -> dict[str, int]:
     if data.get("task") == "kl":
         return dropped
     for key, cell in data["cells"].items():
-        by_depth: dict[str, set[str]] = {}
+        by_depth: dict[float, set[int]] = {}
         for sample in cell["results"]:
-            depth, index = sample.split("/")
+            depth, index = split_sample_key(sample)
             by_depth.setdefault(depth, set()).add(index)
         if not by_depth:
             continue
         keep = set.intersection(*by_depth.values())
-        kept = {s: r for s, r in cell["results"].items() if s.split("/")[1] in keep}
+        kept = {s: r for s, r in cell["results"].items() if split_sample_key(s)[1] in keep}
         if len(kept) < len(cell["results"]):
             dropped[key] = len(cell["results"]) - len(kept)
             cell["seconds"] = round(cell["seconds"] * len(kept) / len(cell["results"]), 3)
@@ -217,10 +218,6 @@ def balance(data: dict) -> dict[str, int]:
 
 
 # -- retrieval ---------------------------------------------------------------------------------
-
-
-def sample_key(depth: float, index: int) -> str:
-    return f"{depth:g}/{index}"
 
 
 def accuracy(cell: dict) -> tuple[int, int]:
@@ -381,7 +378,7 @@ def run_retrieval(model, tokenizer, generator, cells: list[Cell], store: TaskSto
                 for (d, i), p, g in zip(group, prompts, gen.tolist()):
                     text = tokenizer.decode(g, skip_special_tokens=True)
                     rec["results"][sample_key(d, i)] = {
-                        "ok": exact(text, p.answer), "answer": p.answer, "output": text}
+                        "ok": exact_match(text, p.answer), "answer": p.answer, "output": text}
                 rec["complete"] = len(pending(cell)) == 0
                 run_record["samples_run"] += len(group)
                 run_record["seconds"] = round(time.perf_counter() - started, 3)
@@ -430,7 +427,7 @@ def _run_shared(model, tokenizer, generator, group, store, make_cache, pending, 
                 if (d, i) in missing:
                     text = tokenizer.decode(g, skip_special_tokens=True)
                     rec["results"][sample_key(d, i)] = {
-                        "ok": exact(text, p.answer), "answer": p.answer, "output": text}
+                        "ok": exact_match(text, p.answer), "answer": p.answer, "output": text}
             rec["complete"] = len(pending(cell)) == 0
         run_record["samples_run"] += len(part)
         run_record["seconds"] = round(run_record.get("seconds", 0.0)
@@ -439,12 +436,6 @@ def _run_shared(model, tokenizer, generator, group, store, make_cache, pending, 
         store.save()
         bar.update(len(part))
     bar.close()
-
-
-def exact(text: str, answer: str) -> bool:
-    from .tasks import exact_match
-
-    return exact_match(text, answer)
 
 
 # -- KL ----------------------------------------------------------------------------------------

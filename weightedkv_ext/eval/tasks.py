@@ -68,6 +68,17 @@ class Sample:
     haystack: tuple[int, int]  # token span [start, end) of the haystack (needles included)
 
 
+def sample_key(depth: float, index: int) -> str:
+    """The key of prompt ``index`` at ``depth`` percent in a retrieval cell's results: "10/3"."""
+    return f"{depth:g}/{index}"
+
+
+def split_sample_key(key: str) -> tuple[float, int]:
+    """(depth, index) of a :func:`sample_key`."""
+    depth, index = key.split("/")
+    return float(depth), int(index)
+
+
 def exact_match(continuation: str, answer: str) -> bool:
     """True when the first run of digits in ``continuation`` is exactly ``answer``."""
     m = _DIGITS.search(continuation)
