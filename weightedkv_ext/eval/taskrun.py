@@ -316,6 +316,12 @@ def fork(src, make):
     return dst
 
 
+def _result(tokenizer, tokens: list[int], answer: str) -> dict:
+    """One sample's stored record: the decoded continuation and its exact-match verdict."""
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    return {"ok": exact_match(text, answer), "answer": answer, "output": text}
+
+
 def _shares_prefill(cell: Cell) -> bool:
     return cell.policy == "full" or cell.prompt != "stream"
 
@@ -376,9 +382,7 @@ def run_retrieval(model, tokenizer, generator, cells: list[Cell], store: TaskSto
                 gen = greedy(model, ids, make_cache(cell), feed, new_tokens, chunk_size)
                 rec["seconds"] = round(rec["seconds"] + time.perf_counter() - t0, 3)
                 for (d, i), p, g in zip(group, prompts, gen.tolist()):
-                    text = tokenizer.decode(g, skip_special_tokens=True)
-                    rec["results"][sample_key(d, i)] = {
-                        "ok": exact_match(text, p.answer), "answer": p.answer, "output": text}
+                    rec["results"][sample_key(d, i)] = _result(tokenizer, g, p.answer)
                 rec["complete"] = len(pending(cell)) == 0
                 run_record["samples_run"] += len(group)
                 run_record["seconds"] = round(time.perf_counter() - started, 3)
@@ -425,9 +429,7 @@ def _run_shared(model, tokenizer, generator, group, store, make_cache, pending, 
             rec["seconds"] = round(rec["seconds"] + share + time.perf_counter() - t1, 3)
             for (d, i), p, g in zip(part, prompts, gen.tolist()):
                 if (d, i) in missing:
-                    text = tokenizer.decode(g, skip_special_tokens=True)
-                    rec["results"][sample_key(d, i)] = {
-                        "ok": exact_match(text, p.answer), "answer": p.answer, "output": text}
+                    rec["results"][sample_key(d, i)] = _result(tokenizer, g, p.answer)
             rec["complete"] = len(pending(cell)) == 0
         run_record["samples_run"] += len(part)
         run_record["seconds"] = round(run_record.get("seconds", 0.0)
