@@ -183,6 +183,28 @@ def retrieval_markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _budget_axis(ax, budgets: list[int]) -> None:
+    """x axis of a vs-budget panel: log2 scale ticked at the measured budgets (none: linear)."""
+    if budgets:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.set_xlabel("KV budget (tokens per head)")
+    ax.grid(alpha=0.3)
+
+
+def _save(fig, path: Path, legend=None) -> Path:
+    """Write ``fig`` to ``path`` (no Software stamp, so reruns give the same bytes) and free it;
+    ``legend``: the axes that carries the figure's one legend (then the layout is tightened)."""
+    import matplotlib.pyplot as plt
+
+    if legend is not None:
+        legend.legend(fontsize=7)
+        fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
 def plot_retrieval(data: dict, out: Path) -> list[Path]:
     import matplotlib
 
@@ -223,10 +245,8 @@ def plot_retrieval(data: dict, out: Path) -> list[Path]:
                          fontsize=8)
         fig.colorbar(im, ax=axes[0].tolist(), label="accuracy", shrink=0.8)
         fig.suptitle(f"{task}: {_display(p, pm)}", fontsize=10)
-        path = out / f"{task}_heatmap_{p}{'' if pm == 'stream' else '_' + pm}.png"
-        fig.savefig(path, dpi=100, bbox_inches="tight", metadata={"Software": None})
-        plt.close(fig)
-        paths.append(path)
+        suffix = "" if pm == "stream" else "_" + pm
+        paths.append(_save(fig, out / f"{task}_heatmap_{p}{suffix}.png"))
     cols = _columns(cells)
     fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.4), squeeze=False)
     for ax, col in zip(axes[0], cols):
@@ -247,21 +267,11 @@ def plot_retrieval(data: dict, out: Path) -> list[Path]:
                 ax.errorbar(xs, ys, yerr=[lo, hi], marker="o" if pm == "stream" else "s",
                             ls="-" if pm == "stream" else "--", capsize=2,
                             label=_display(p, pm))
-        budgets = sorted({c["budget"] for c in here if c["policy"] != "full"})
-        if budgets:
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(budgets, [str(b) for b in budgets])
+        _budget_axis(ax, sorted({c["budget"] for c in here if c["policy"] != "full"}))
         ax.set_ylim(-0.05, 1.05)
         ax.set_title(f"{task}, {col[0]}, context {_len_label(col[1])}", fontsize=9)
-        ax.set_xlabel("KV budget (tokens per head)")
         ax.set_ylabel("accuracy")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    path = out / f"{task}_acc_vs_budget.png"
-    fig.savefig(path, dpi=100, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
-    return paths + [path]
+    return paths + [_save(fig, out / f"{task}_acc_vs_budget.png", legend=axes[0][-1])]
 
 
 # -- KL ----------------------------------------------------------------------------------------
@@ -334,20 +344,12 @@ def plot_kl(data: dict, out: Path) -> list[Path]:
                          if (c["dataset"], c["length"]) == col and c["policy"] == p)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=DISPLAY[p])
-        budgets = sorted({c["budget"] for c in cells if (c["dataset"], c["length"]) == col})
-        ax.set_xscale("log", base=2)
+        _budget_axis(ax, sorted({c["budget"] for c in cells
+                                 if (c["dataset"], c["length"]) == col}))
         ax.set_yscale("log")
-        ax.set_xticks(budgets, [str(b) for b in budgets])
         ax.set_title(f"{col[0]}, length {_len_label(col[1])}", fontsize=9)
-        ax.set_xlabel("KV budget (tokens per head)")
         ax.set_ylabel("KL(full || policy), nats/token")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "kl_vs_budget.png"
-    fig.savefig(path, dpi=100, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out / "kl_vs_budget.png", legend=axes[0][-1])]
 
 
 def markdown(data: dict) -> str:
